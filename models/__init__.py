@@ -1,0 +1,1 @@
+"""Pure PyTorch models, baselines and metrics; never imports cropmap.pipeline."""

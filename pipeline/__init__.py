@@ -1,0 +1,1 @@
+"""Stages of the cropmap pipeline and what runs them."""

@@ -1,0 +1,107 @@
+"""Atomic file output and checksums.
+
+Every output is written under a temporary name in the destination directory and renamed into
+place, so a crash never leaves a half-written file under the final name and never destroys the
+previous version before the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputError
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and check it is writable, or raise :class:`OutputError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create output directory {str(path)!r}: {exc.strerror}",
+            fix="choose a writable location with --out",
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output directory {str(path)!r} is not writable",
+            fix="fix its permissions or choose another location with --out",
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it to ``final`` (replacing it).
+
+    On error the temporary is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    ensure_writable_dir(final.parent)
+    suffix = "".join(final.suffixes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent))
+    target = tmp if is_dir else tmp / f"data{suffix}"
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(target, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, final)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {str(final)!r}: {exc.strerror or exc}",
+            fix="check free disk space and permissions of the output directory",
+        ) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_path(path: Path, chunk: int = 1 << 20) -> str:
+    """Checksum of a file, or of a directory tree (relative names and contents, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f is not path:
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Ingestion sources: `local` (exported archives such as the demo site)."""
