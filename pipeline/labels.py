@@ -1,0 +1,89 @@
+"""Labels: the label-source raster mapped through the site legend, and parcels recovered from it.
+
+For each tile, label-source codes (e.g. WorldCereal CT, CDL, RPG CODE_GROUP rasterised) become
+crop-map class codes 1..K through the legend (0 = no label: unlabelled, or a code the legend
+does not map, counted in the report). Parcels are recovered as connected regions (4-connected)
+of equal source code, so training and test sets can be split by parcel and never share a field.
+Adjacent fields with the same crop merge into one parcel, which can only make splits stricter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .sites import Legend
+
+PARCEL_STRIDE = 1_000_000
+"""Parcel ids are ``tile_index * PARCEL_STRIDE + component``: unique across a site."""
+
+
+@dataclass
+class TileLabels:
+    classes: np.ndarray  # (H, W) uint8 crop-map class code, 0 = no label
+    parcels: np.ndarray  # (H, W) int64 parcel id, 0 = none
+    parcel_table: pd.DataFrame
+    unmapped: Counter  # source code -> pixel count of codes the legend does not map
+
+
+def map_codes(codes: np.ndarray, legend: Legend) -> tuple[np.ndarray, Counter]:
+    """Source codes -> class codes (uint8); also the pixel counts of unmapped non-zero codes."""
+    lookup = legend.source_lookup()
+    out = np.zeros(codes.shape, dtype=np.uint8)
+    unmapped: Counter = Counter()
+    for code, count in zip(*np.unique(codes, return_counts=True)):
+        code = int(code)
+        if code == 0:
+            continue
+        if code in lookup:
+            out[codes == code] = lookup[code]
+        else:
+            unmapped[code] += int(count)
+    return out, unmapped
+
+
+def recover_parcels(codes: np.ndarray, tile_index: int) -> np.ndarray:
+    """Connected regions of equal non-zero code, as site-unique parcel ids (0 = none)."""
+    parcels = np.zeros(codes.shape, dtype=np.int64)
+    next_id = 1
+    for code in np.unique(codes):
+        if code == 0:
+            continue
+        comp, n = ndimage.label(codes == code)  # 4-connectivity: diagonal touches are separate fields
+        sel = comp > 0
+        parcels[sel] = comp[sel] + (next_id - 1)
+        next_id += n
+    if next_id >= PARCEL_STRIDE:
+        raise ValueError(f"more than {PARCEL_STRIDE} parcels in one tile")
+    parcels[parcels > 0] += tile_index * PARCEL_STRIDE
+    return parcels
+
+
+def tile_labels(codes: np.ndarray, legend: Legend, *, tile: str, tile_index: int, year: int,
+                transform=None) -> TileLabels:
+    classes, unmapped = map_codes(codes, legend)
+    parcels = recover_parcels(np.where(classes > 0, codes, 0), tile_index)
+    names = {c.code: c.name for c in legend.classes}
+    rows = []
+    ids, inverse, counts = np.unique(parcels.ravel(), return_inverse=True, return_counts=True)
+    rr, cc = np.indices(parcels.shape)
+    sum_r = np.bincount(inverse, weights=rr.ravel())
+    sum_c = np.bincount(inverse, weights=cc.ravel())
+    for k, pid in enumerate(ids):
+        if pid == 0:
+            continue
+        r0, c0 = np.unravel_index(np.argmax(parcels.ravel() == pid), parcels.shape)
+        code = int(classes[r0, c0])
+        row, col = sum_r[k] / counts[k], sum_c[k] / counts[k]
+        x, y = (transform * (col + 0.5, row + 0.5)) if transform is not None else (np.nan, np.nan)
+        rows.append({
+            "parcel_id": int(pid), "tile": tile, "year": year, "class_code": code,
+            "class_name": names[code], "source_code": int(codes[r0, c0]), "n_pixels": int(counts[k]),
+            "x": float(x), "y": float(y),
+        })
+    table = pd.DataFrame(rows, columns=["parcel_id", "tile", "year", "class_code", "class_name", "source_code", "n_pixels", "x", "y"])
+    return TileLabels(classes, parcels, table, unmapped)

@@ -1,0 +1,272 @@
+"""Sites and class legends: the YAML files of ``regions/`` loaded into typed, validated configs.
+
+A *site* is a mapped area on one UTM grid (name, extent, CRS, data source, label source,
+legend, years, and the stage settings it needs). A *legend* maps label-source codes onto the
+crop map's raster codes 1..K with names and colours. Both are validated once, here, and every
+problem is reported as one line naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cropmap.regions import LEGENDS_DIR, REGIONS_DIR, SITES_DIR
+
+from .errors import SiteError
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+S1_BANDS = ("VV", "VH")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LegendClass(_Strict):
+    code: int = Field(ge=1, le=255)
+    """Raster value in the crop map (0 is nodata)."""
+    name: str = Field(min_length=1)
+    color: str = Field(pattern=r"^#[0-9a-fA-F]{6}$")
+    source_codes: list[int] = Field(default_factory=list)
+    """Codes of the label source (e.g. CDL, RPG CODE_GROUP, WorldCereal CT) mapped to this class."""
+
+
+class Legend(_Strict):
+    name: str
+    title: str = ""
+    source_codes: str = ""
+    """What the ``source_codes`` of the classes are."""
+    classes: list[LegendClass] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Legend":
+        codes = [c.code for c in self.classes]
+        if len(set(codes)) != len(codes):
+            raise ValueError(f"class codes must be unique, got {codes}")
+        if codes != list(range(1, len(codes) + 1)):
+            raise ValueError(f"class codes must be 1..{len(codes)} in order, got {codes}")
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        seen: dict[int, str] = {}
+        for c in self.classes:
+            for s in c.source_codes:
+                if s in seen:
+                    raise ValueError(f"source code {s} is mapped to both {seen[s]!r} and {c.name!r}")
+                seen[s] = c.name
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def source_lookup(self) -> dict[int, int]:
+        """Label-source code -> raster class code."""
+        return {s: c.code for c in self.classes for s in c.source_codes}
+
+
+class LocalTile(_Strict):
+    id: str = Field(min_length=1)
+    year: int
+
+
+class LocalSource(_Strict):
+    root: str
+    """Archive folder, relative to ``regions/`` or absolute."""
+    label_variable: str = "CT"
+    tiles: list[LocalTile] = Field(min_length=1)
+
+
+class Bands(_Strict):
+    s2: list[str] = Field(default_factory=lambda: list(S2_BANDS))
+    s1: list[str] = Field(default_factory=lambda: list(S1_BANDS))
+
+    @field_validator("s2")
+    @classmethod
+    def _s2(cls, v: list[str]) -> list[str]:
+        bad = [b for b in v if b not in S2_BANDS]
+        if bad:
+            raise ValueError(f"unknown Sentinel-2 band(s) {bad}; valid: {list(S2_BANDS)}")
+        return v
+
+    @field_validator("s1")
+    @classmethod
+    def _s1(cls, v: list[str]) -> list[str]:
+        bad = [b for b in v if b not in S1_BANDS]
+        if bad:
+            raise ValueError(f"unknown Sentinel-1 band(s) {bad}; valid: {list(S1_BANDS)}")
+        return v
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.s2, *self.s1]
+
+
+class CloudMask(_Strict):
+    scl_invalid: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10, 11])
+    """Sentinel-2 scene-classification classes treated as cloud, shadow, snow or no data."""
+
+
+class Training(_Strict):
+    model: str = "stnet"
+    pool_years: bool = False
+    """Train on labelled tiles of every site year up to the run year (not only the run year)."""
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    max_len: int = Field(default=64, ge=4)
+    """Observations per series fed to the model (longer series are subsampled, deterministically at test time)."""
+    max_pixels_per_parcel: int = Field(default=200, ge=1)
+    split_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    """Parcel-disjoint splits repeated with these seeds; the map uses the first seed's model."""
+    test_fraction: float = Field(default=0.3, gt=0, lt=1)
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    min_parcel_pixels: int = Field(default=3, ge=1)
+    """Parcels smaller than this (tile-edge slivers) are not sampled."""
+
+
+class Site(_Strict):
+    name: str
+    title: str = ""
+    crs: str = Field(pattern=r"^EPSG:\d{4,5}$")
+    resolution: float = Field(gt=0)
+    extent: tuple[float, float, float, float]
+    source: Literal["local"]
+    label_source: Literal["parcel-raster"]
+    legend: str
+    years: list[int] = Field(min_length=1)
+    default_year: int | None = None
+    local: LocalSource | None = None
+    bands: Bands = Field(default_factory=Bands)
+    cloud_mask: CloudMask = Field(default_factory=CloudMask)
+    training: Training = Field(default_factory=Training)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SITE_NAME.match(v):
+            raise ValueError("must be lower-case letters, digits, '-' or '_' (at most 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Site":
+        xmin, ymin, xmax, ymax = self.extent
+        if not (xmin < xmax and ymin < ymax):
+            raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")
+        if self.default_year is not None and self.default_year not in self.years:
+            raise ValueError(f"default_year {self.default_year} is not one of years {self.years}")
+        if self.source == "local" and self.local is None:
+            raise ValueError("source 'local' needs a 'local:' section (root, tiles)")
+        if self.local:
+            for t in self.local.tiles:
+                if t.year not in self.years:
+                    raise ValueError(f"tile {t.id} has year {t.year}, not one of years {self.years}")
+        if not self.bands.all:
+            raise ValueError("bands: at least one band is needed")
+        return self
+
+    @property
+    def epsg(self) -> int:
+        return int(self.crs.split(":")[1])
+
+    def resolve_year(self, year: int | None) -> int:
+        if year is None:
+            return self.default_year if self.default_year is not None else max(self.years)
+        if year not in self.years:
+            raise SiteError(
+                f"site {self.name!r} has no data for year {year}",
+                fix=f"use --year with one of {self.years}",
+            )
+        return year
+
+    def data_root(self) -> Path:
+        assert self.local is not None
+        env = os.environ.get("CROPMAP_DATA_ROOT")
+        root = Path(env) if env else Path(self.local.root)
+        return root if root.is_absolute() else REGIONS_DIR / root
+
+
+def site_dirs() -> list[Path]:
+    """Where site files are looked up: ``$CROPMAP_SITES_DIR`` (if set) first, then ``regions/sites``."""
+    extra = os.environ.get("CROPMAP_SITES_DIR")
+    return [Path(extra), SITES_DIR] if extra else [SITES_DIR]
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def _read_yaml(path: Path, kind: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SiteError(f"{kind} file {path} is not valid YAML{where}", fix="fix its syntax") from None
+    except OSError as exc:
+        raise SiteError(f"cannot read {kind} file {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise SiteError(f"{kind} file {path} must hold a mapping of fields", fix="see regions/sites/demo.yaml")
+    return data
+
+
+def site_path(name: str) -> Path:
+    if not SITE_NAME.match(name or ""):
+        raise SiteError(
+            f"invalid site name {name!r}",
+            fix="site names are lower-case letters, digits, '-' or '_'; `cropmap sites` lists them",
+        )
+    for d in site_dirs():
+        p = d / f"{name}.yaml"
+        if p.is_file():
+            return p
+    known = ", ".join(sorted(list_site_names())) or "none"
+    raise SiteError(f"unknown site {name!r}", fix=f"known sites: {known} (`cropmap sites` lists them)")
+
+
+def list_site_names() -> list[str]:
+    names: set[str] = set()
+    for d in site_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_site(name: str) -> Site:
+    """Load and validate the site ``name`` (raises :class:`SiteError`)."""
+    path = site_path(name)
+    data = _read_yaml(path, "site")
+    try:
+        site = Site.model_validate(data)
+    except ValidationError as exc:
+        raise SiteError(f"site file {path} is invalid: {_format_validation(exc)}", fix="correct the field(s) named") from None
+    if site.name != name:
+        raise SiteError(f"site file {path} declares name {site.name!r}", fix=f"set name: {name}")
+    load_legend(site.legend)  # validate eagerly: a broken legend is a broken site
+    return site
+
+
+def load_legend(name: str) -> Legend:
+    if not SITE_NAME.match(name or ""):
+        raise SiteError(f"invalid legend name {name!r}", fix="use the stem of a file in regions/legends")
+    candidates = [d.parent / "legends" / f"{name}.yaml" for d in site_dirs()] + [LEGENDS_DIR / f"{name}.yaml"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise SiteError(f"unknown legend {name!r}", fix=f"add regions/legends/{name}.yaml or fix the site's `legend`")
+    data = _read_yaml(path, "legend")
+    try:
+        return Legend.model_validate(data)
+    except ValidationError as exc:
+        raise SiteError(f"legend file {path} is invalid: {_format_validation(exc)}", fix="correct the field(s) named") from None

@@ -1,0 +1,113 @@
+"""Tensors: per-pixel time series cut from the site cube, labelled or not.
+
+One function, :func:`cube_series`, turns a window of a tile cube into ragged per-pixel series
+(optical and radar observations merged on one day axis, cloudy optical dates dropped, day
+offsets since 1 January of the tile's season year). The tensors stage uses it for labelled
+pixels (the training store) and the predict stage for every pixel of the site, so training and
+mapping see exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .cube import S2_SCALE
+from .samples import PixelSamples, from_ragged
+
+
+def day_offsets(times: np.ndarray, year: int) -> np.ndarray:
+    """Whole days since 1 January of ``year`` (negative before it)."""
+    t = np.asarray(times).astype("datetime64[D]")
+    return (t - np.datetime64(f"{year}-01-01", "D")).astype(np.int64)
+
+
+def cube_bands(cube: xr.Dataset) -> list[str]:
+    return [*cube.attrs["bands_s2"], *cube.attrs["bands_s1"]]
+
+
+def cube_series(cube: xr.Dataset, rows: slice = slice(None), cols: slice = slice(None),
+                pixel_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ragged series of the pixels of a cube window, row-major.
+
+    Returns ``values`` (n_obs, C) float32, ``days`` (n_obs,) float32 and ``lengths`` (P,) where P
+    is the number of pixels in the window (or of True pixels in ``pixel_mask``, shaped like the
+    window). A pixel with no observation has length 0.
+    """
+    year = int(cube.attrs["year"])
+    win = cube.isel(y=rows, x=cols)
+    dn = win["s2"].values  # (T2, C2, h, w)
+    clear = win["s2_clear"].values
+    s1 = win["s1"].values  # (T1, C1, h, w)
+    t2, c2, h, w = dn.shape
+    t1, c1 = s1.shape[:2]
+    sel = np.ones((h, w), bool) if pixel_mask is None else np.asarray(pixel_mask, bool)
+    p = int(sel.sum())
+
+    s2 = dn[:, :, sel].astype(np.float32) * np.float32(S2_SCALE)  # (T2, C2, P)
+    s2[dn[:, :, sel] == 0] = np.nan
+    s2[~np.broadcast_to(clear[:, None][:, :, sel], s2.shape)] = np.nan
+    s1 = s1[:, :, sel]
+
+    d2 = day_offsets(cube["time_s2"].values, year)
+    d1 = day_offsets(cube["time_s1"].values, year)
+    union = np.unique(np.concatenate([d2, d1]))
+    arr = np.full((len(union), c2 + c1, p), np.nan, dtype=np.float32)
+    # several acquisitions on one day (overlapping orbits): keep the first observed value
+    for src, d, lo in ((s2, d2, 0), (s1, d1, c2)):
+        idx = np.searchsorted(union, d)
+        for k in range(len(d)):
+            block = arr[idx[k], lo:lo + src.shape[1]]
+            np.copyto(block, src[k], where=np.isnan(block))
+    arr = arr.transpose(2, 0, 1)  # (P, U, C)
+    observed = ~np.isnan(arr).all(axis=2)  # (P, U)
+    lengths = observed.sum(axis=1)
+    values = arr[observed]
+    days = np.broadcast_to(union[None, :], observed.shape)[observed].astype(np.float32)
+    return values, days, lengths
+
+
+def labelled_samples(cube: xr.Dataset, classes: np.ndarray, parcels: np.ndarray,
+                     class_names: dict[int, str]) -> PixelSamples:
+    """The labelled pixels of one tile as samples (label = class code, with parcel ids)."""
+    sel = classes > 0
+    values, days, lengths = cube_series(cube, pixel_mask=sel)
+    rr, cc = np.nonzero(sel)
+    tile = str(cube.attrs["tile"])
+    xs = cube["x"].values[cc]
+    ys = cube["y"].values[rr]
+    table = pd.DataFrame({
+        "sample_id": [f"{tile}:{r}:{c}" for r, c in zip(rr, cc)],
+        "label": classes[sel].astype(np.int64),
+        "parcel_id": parcels[sel].astype(np.int64),
+        "tile": tile,
+        "x": xs, "y": ys,
+        "epsg": int(cube.attrs["epsg"]),
+        "season_year": int(cube.attrs["year"]),
+    })
+    keep = lengths > 0
+    if not keep.all():
+        rows = np.repeat(keep, lengths)
+        values, days, lengths, table = values[rows], days[rows], lengths[keep], table[keep]
+    return from_ragged(cube_bands(cube), values, days, lengths, table, class_names)
+
+
+def concat_samples(parts: list[PixelSamples]) -> PixelSamples:
+    if not parts:
+        raise ValueError("no samples to concatenate")
+    bands = parts[0].bands
+    for p in parts[1:]:
+        if p.bands != bands:
+            raise ValueError(f"band lists differ: {bands} vs {p.bands}")
+    names: dict = {}
+    for p in parts:
+        names.update(p.class_names)
+    return from_ragged(
+        bands,
+        np.concatenate([np.asarray(p.values) for p in parts]),
+        np.concatenate([np.asarray(p.days) for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        pd.concat([p.table for p in parts], ignore_index=True),
+        names,
+    )
