@@ -96,7 +96,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             n += len(idx)
         sched.step()
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}

@@ -47,6 +47,10 @@ def atomic_path(final: Path, *, is_dir: bool = False) -> Iterator[Path]:
     ensure_writable_dir(final.parent)
     suffix = "".join(final.suffixes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent))
+    if is_dir:  # mkdtemp makes 0700 directories; give outputs the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     target = tmp if is_dir else tmp / f"data{suffix}"
     try:
         yield target

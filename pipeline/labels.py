@@ -79,7 +79,7 @@ def tile_labels(codes: np.ndarray, legend: Legend, *, tile: str, tile_index: int
         r0, c0 = np.unravel_index(np.argmax(parcels.ravel() == pid), parcels.shape)
         code = int(classes[r0, c0])
         row, col = sum_r[k] / counts[k], sum_c[k] / counts[k]
-        x, y = (transform * (col + 0.5, row + 0.5)) if transform is not None else (np.nan, np.nan)
+        x, y = (transform @ (col + 0.5, row + 0.5)) if transform is not None else (np.nan, np.nan)
         rows.append({
             "parcel_id": int(pid), "tile": tile, "year": year, "class_code": code,
             "class_name": names[code], "source_code": int(codes[r0, c0]), "n_pixels": int(counts[k]),

@@ -110,7 +110,7 @@ class Bands(_Strict):
 
 
 class CloudMask(_Strict):
-    scl_invalid: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10, 11])
+    scl_invalid: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 7, 8, 9, 10, 11])
     """Sentinel-2 scene-classification classes treated as cloud, shadow, snow or no data."""
 
 

@@ -211,7 +211,7 @@ def read_tile(site: Site, tile: str, year: int) -> tuple[xr.Dataset, list[str]]:
         },
     )
     for n in notes:
-        log.warning(n)
+        log.info(n)
     return cube, notes
 
 

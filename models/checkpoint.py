@@ -1,0 +1,47 @@
+"""Model directories: weights as safetensors plus one JSON of plain types (no pickle).
+
+A model directory holds ``model.safetensors`` and ``config.json`` with the model name, its
+constructor config, the input bands, normalisation statistics, the class map and the series
+length used; everything needed to rebuild and run the model, nothing that executes on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .registry import model_from_config
+
+FORMAT = "cropmap.model/1"
+
+
+def save_model(directory: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write weights and ``config.json`` into ``directory`` (which must exist)."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("model", "model_config", "bands", "normalisation", "classes", "max_len"):
+        if key not in meta:
+            raise ValueError(f"{path} lacks {key!r}")
+    return meta
+
+
+def load_model(directory: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of ``directory`` with its weights (weights-only, via safetensors)."""
+    meta = read_meta(directory)
+    model = model_from_config(meta["model"], meta["model_config"])
+    state = load_file(str(Path(directory) / "model.safetensors"), device=device)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

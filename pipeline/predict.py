@@ -1,0 +1,106 @@
+"""Predict: map every pixel of the site's tiles into the crop-map COG, window by window.
+
+The map covers the site's extent on its grid (so maps of different years align pixel for pixel);
+each tile cube is processed in blocks of rows, so memory is bounded by the block, never by the
+site. Pixels with no observation stay nodata (0). Outputs: the class map (uint8 COG, colour
+table, class names), a confidence COG (percent), and a PNG preview with a legend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+
+from cropmap.models.series import Series
+from cropmap.models.training import predict_proba
+
+from .cube import grid_of, open_cube
+from .errors import DataError, ModelError
+from .maps import MapClass, MapWriter
+from .sites import Legend, Site
+from .tensors import cube_bands, cube_series
+from .train import load_model_dir
+
+
+def site_grid(site: Site) -> tuple[Affine, int, int]:
+    xmin, ymin, xmax, ymax = site.extent
+    res = site.resolution
+    width, height = int(round((xmax - xmin) / res)), int(round((ymax - ymin) / res))
+    return Affine(res, 0.0, xmin, 0.0, -res, ymax), width, height
+
+
+def tile_window(site: Site, transform: Affine) -> Window:
+    """Where a tile (given by its transform) lies in the site grid; must be grid-aligned."""
+    st, _, _ = site_grid(site)
+    col = (transform.c - st.c) / st.a
+    row = (transform.f - st.f) / st.e
+    if not (np.isclose(col, round(col), atol=1e-6) and np.isclose(row, round(row), atol=1e-6) and np.isclose(transform.a, st.a)):
+        raise DataError(f"tile grid (origin {transform.c}, {transform.f}, pixel {transform.a}) is not aligned with site {site.name!r}",
+                        fix="export tiles on the site grid (snapped origin, same resolution)")
+    return Window(int(round(col)), int(round(row)), 0, 0)
+
+
+def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: Path, map_path: Path,
+                 confidence_path: Path, *, rows_per_block: int = 32, device: str | None = None,
+                 tags: dict[str, str] | None = None, on_block: Callable[[int], None] | None = None) -> dict:
+    """Write the class and confidence COGs; returns per-class pixel counts and the tile windows."""
+    model, meta = load_model_dir(model_dir, device)
+    mean = np.asarray(meta["normalisation"]["mean"], np.float32)
+    std = np.asarray(meta["normalisation"]["std"], np.float32)
+    legend_codes = {c.code for c in legend.classes}
+    label_to_code = {}
+    for c in meta["classes"]:
+        if c["label"] not in legend_codes:
+            raise ModelError(f"model class {c['name']!r} (label {c['label']!r}) is not a class of legend {legend.name!r}",
+                             fix="train the model on this site's samples")
+        label_to_code[c["index"]] = int(c["label"])
+    lut = np.array([label_to_code[i] for i in range(len(meta["classes"]))], dtype=np.uint8)
+
+    transform, width, height = site_grid(site)
+    classes = [MapClass(c.code, c.name, c.color) for c in legend.classes]
+    counts = np.zeros(256, dtype=np.int64)
+    windows: list[tuple[str, Window]] = []
+    with MapWriter(map_path, confidence_path, crs=site.crs, transform=transform, width=width, height=height,
+                   classes=classes, tags=tags) as writer:
+        for path in cube_paths:
+            cube = open_cube(path)
+            grid = grid_of(cube)
+            if grid.epsg != site.epsg:
+                raise DataError(f"cube {path} is in EPSG:{grid.epsg}, site {site.name!r} in {site.crs}", fix="rerun ingest")
+            origin = tile_window(site, grid.transform)
+            if origin.col_off < 0 or origin.row_off < 0 or origin.col_off + grid.width > width or origin.row_off + grid.height > height:
+                raise DataError(f"tile {cube.attrs['tile']} lies outside the extent of site {site.name!r}", fix="enlarge the site's extent")
+            bands = cube_bands(cube)
+            if bands != meta["bands"]:
+                raise ModelError(f"tile {cube.attrs['tile']} has bands {bands}, the model {meta['bands']}", fix="retrain the model on this site")
+            windows.append((str(cube.attrs["tile"]), Window(origin.col_off, origin.row_off, grid.width, grid.height)))
+            for r0 in range(0, grid.height, rows_per_block):
+                r1 = min(grid.height, r0 + rows_per_block)
+                values, days, lengths = cube_series(cube, rows=slice(r0, r1))
+                npx = (r1 - r0) * grid.width
+                cls = np.zeros(npx, dtype=np.uint8)
+                conf = np.full(npx, np.nan, dtype=np.float32)
+                has = lengths > 0
+                if has.any():
+                    rows = np.repeat(has, lengths)
+                    offsets = np.concatenate([[0], np.cumsum(lengths[has])])
+                    series = Series(values[rows], days[rows], offsets)
+                    proba = predict_proba(model, series, mean, std, int(meta["max_len"]), 2048, device)
+                    cls[has] = lut[proba.argmax(1)]
+                    conf[has] = proba.max(1)
+                counts += np.bincount(cls, minlength=256)
+                win = Window(origin.col_off, origin.row_off + r0, grid.width, r1 - r0)
+                writer.write(win, cls.reshape(r1 - r0, grid.width), conf.reshape(r1 - r0, grid.width))
+                if on_block:
+                    on_block(npx)
+    return {
+        "pixels_per_class": {c.name: int(counts[c.code]) for c in legend.classes},
+        "pixels_nodata_in_tiles": int(counts[0]),
+        "width": width, "height": height,
+        "tiles": [{"tile": name, "col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)}
+                  for name, w in windows],
+    }

@@ -1,0 +1,195 @@
+"""Train: fit a registered model on pixel samples and save it as a self-contained model directory.
+
+Used by the ``train`` stage of ``cropmap run`` (one model per parcel-disjoint split seed, plus the
+random-forest baseline on the same pixels) and by ``cropmap train --samples`` (any store or long
+table). The class map is built from the training labels: labels are integer codes or class
+names, kept as given and named from the samples' class names where known.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+import cropmap
+from cropmap.models.checkpoint import load_model, save_model
+from cropmap.models.registry import build_model, model_names
+from cropmap.models.series import Series, band_statistics
+from cropmap.models.training import FitConfig, FitResult, fit, resolve_device
+
+from .errors import ModelError, SamplesError
+from .fsio import atomic_path
+from .samples import PixelSamples
+
+log = logging.getLogger(__name__)
+
+
+def as_series(samples: PixelSamples) -> Series:
+    return Series(np.asarray(samples.values), np.asarray(samples.days), np.asarray(samples.offsets))
+
+
+def _label_key(v) -> object:
+    """Labels compare as ints when they are integral numbers, else as strings."""
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return str(v)
+
+
+def class_table(samples: PixelSamples, idx: np.ndarray) -> list[dict]:
+    """Classes of the training samples: ``[{"index", "label", "name"}]`` sorted by label."""
+    labels = sorted({_label_key(v) for v in samples.table["label"].to_numpy()[idx]}, key=lambda v: (isinstance(v, str), v))
+    names = samples.class_names
+    out = []
+    for i, lab in enumerate(labels):
+        name = names.get(lab, names.get(str(lab), str(lab)))
+        out.append({"index": i, "label": lab, "name": str(name)})
+    return out
+
+
+def encode_labels(samples: PixelSamples, classes: list[dict]) -> np.ndarray:
+    """Class indices of the samples (-1 for labels the class map does not know)."""
+    lookup: dict[object, int] = {}
+    for c in classes:
+        lookup[c["label"]] = c["index"]
+        lookup.setdefault(c["name"], c["index"])
+    return np.array([lookup.get(_label_key(v), lookup.get(str(v), -1)) for v in samples.table["label"].to_numpy()], dtype=np.int64)
+
+
+def subsample_labels(y: np.ndarray, idx: np.ndarray, seed: int, fraction: float | None = None,
+                     per_class: int | None = None) -> np.ndarray:
+    """Stratified, seeded label budget: keep ``fraction`` of each class or ``per_class`` samples (at least one each)."""
+    if fraction is None and per_class is None:
+        return idx
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y[idx]):
+        members = idx[y[idx] == c]
+        n = len(members)
+        k = max(1, int(round(n * fraction))) if fraction is not None else min(n, per_class)
+        keep.append(rng.choice(members, size=min(k, n), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def default_split(samples: PixelSamples, seed: int, val_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """Train/val indices for ``cropmap train``: the ``split`` column when present, else a seeded
+    validation draw (by parcel when ``parcel_id`` exists, so validation never shares a field)."""
+    t = samples.table
+    n = len(t)
+    if "split" in t.columns:
+        split = t["split"].astype(str).to_numpy()
+        return np.nonzero(split == "train")[0], np.nonzero(split == "val")[0]
+    rng = np.random.default_rng(seed + 7919)
+    groups = t["parcel_id"].to_numpy() if "parcel_id" in t.columns else np.arange(n)
+    uniq = np.unique(groups)
+    val_groups = set(rng.choice(uniq, size=int(round(len(uniq) * val_fraction)), replace=False).tolist()) if len(uniq) >= 10 else set()
+    is_val = np.array([g in val_groups for g in groups])
+    return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+
+def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray, out_dir: Path, *,
+                model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
+                extra_meta: dict | None = None, extra_files: dict[str, object] | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta."""
+    cfg = fit_config or FitConfig()
+    if model_name not in model_names():
+        raise ModelError(f"unknown model {model_name!r}", fix=f"choose one of: {', '.join(model_names())}")
+    if len(train_idx) < 2:
+        raise SamplesError(f"only {len(train_idx)} training sample(s)", fix="pass more labelled samples")
+    try:
+        cfg.device = resolve_device(cfg.device)
+    except RuntimeError as exc:
+        raise ModelError(str(exc), fix="use --device cpu, or install a CUDA build of torch") from None
+    classes = class_table(samples, train_idx)
+    y = encode_labels(samples, classes)
+    val_idx = val_idx[y[val_idx] >= 0]
+    series = as_series(samples)
+    mean, std = band_statistics(series, train_idx)
+    torch.manual_seed(cfg.seed)
+    model, model_config = build_model(model_name, bands=samples.bands, n_classes=len(classes), mean=mean.tolist(), std=std.tolist())
+    if pretrained is not None:
+        _load_pretrained(model, Path(pretrained), samples.bands)
+    sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
+    result: FitResult = fit(
+        model, sub(train_idx), y[train_idx], mean, std, cfg,
+        val=sub(val_idx) if len(val_idx) else None, y_val=y[val_idx] if len(val_idx) else None,
+        n_classes=len(classes), on_epoch=on_epoch,
+    )
+    meta = {
+        "model": model_name,
+        "model_config": model_config,
+        "bands": list(samples.bands),
+        "normalisation": {"mean": mean.tolist(), "std": std.tolist(), "units": "reflectance (S2), dB (S1)"},
+        "classes": classes,
+        "max_len": cfg.max_len,
+        "time_axis": "days since 1 January of the season year",
+        "fit": {**asdict(cfg), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 2),
+                "epochs_run": len(result.history), "pretrained": str(pretrained) if pretrained else None},
+        "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                 "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
+        "cropmap_version": cropmap.__version__,
+        "torch_version": torch.__version__,
+        **(extra_meta or {}),
+    }
+    with atomic_path(Path(out_dir), is_dir=True) as tmp:
+        save_model(tmp, model, meta)
+        _write_history(tmp / "history.csv", result.history)
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return meta
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    path.write_text(buf.getvalue())
+
+
+def _load_pretrained(model: torch.nn.Module, directory: Path, bands: list[str]) -> None:
+    """Initialise from another model directory: every tensor whose name and shape match."""
+    try:
+        src, meta = load_model(directory)
+    except FileNotFoundError:
+        raise ModelError(f"pretrained model {str(directory)!r} not found (no config.json/model.safetensors)", fix="pass a directory written by `cropmap train`") from None
+    except ValueError as exc:
+        raise ModelError(f"pretrained model {str(directory)!r} is unusable: {exc}") from None
+    if meta["bands"] != bands:
+        raise ModelError(f"pretrained model {str(directory)!r} was trained on bands {meta['bands']}, the samples have {bands}", fix="use samples with the same bands")
+    own = model.state_dict()
+    loaded = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape and not k.startswith("band_")}
+    own.update(loaded)
+    model.load_state_dict(own)
+    log.info("initialised %d/%d tensors from %s", len(loaded), len(own), directory)
+
+
+def load_model_dir(directory: Path, device: str | None = None):
+    """Load a model directory for prediction (raises :class:`ModelError`)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        raise ModelError(f"{str(directory)!r} is not a model directory (needs config.json and model.safetensors)",
+                         fix="pass the --out directory of `cropmap train` or runs/SITE/YEAR/model")
+    try:
+        return load_model(directory, device=resolve_device(device))
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelError(f"model directory {str(directory)!r} is damaged or incompatible: {str(exc).splitlines()[0]}", fix="retrain it") from None
+
+
+def predictions_frame(samples: PixelSamples, idx: np.ndarray, proba: np.ndarray, classes: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "sample_id": samples.table["sample_id"].to_numpy()[idx],
+        "predicted": [classes[i]["label"] for i in proba.argmax(1)],
+        "confidence": proba.max(1),
+    })

@@ -1,0 +1,316 @@
+"""The pixel-level workflow of ``cropmap run``: which stages, in which order, on which files.
+
+ingest -> labels -> tensors -> train -> predict -> evaluate -> report, each a function of a
+:class:`~cropmap.pipeline.runner.StageContext` writing under the run directory
+``OUT/SITE/YEAR/``:
+
+    cube/<tile>.zarr          ingest: raw S2/S1 acquisitions on the 10 m grid, cloud mask
+    labels/                   labels: class + parcel rasters per tile, parcels.parquet
+    samples/pixels/           tensors: labelled pixel series (sample store)
+    models/seed-<s>/          train: one model per parcel-disjoint split seed (seed 0 maps)
+    baselines/                train: random-forest predictions on the same splits
+    map/crops.tif ...         predict: class COG, confidence COG, preview PNG
+    metrics.json              evaluate: held-out parcel metrics, model vs random forest
+    report.html               report: one self-contained page
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+
+from cropmap.models.forest import binned_features, make_forest
+from cropmap.models.metrics import summarize_runs
+from cropmap.models.training import FitConfig
+
+from . import report as report_mod
+from .cube import open_cube, write_cube
+from .errors import DataError, StageError
+from .evaluate import metrics_for, predict_samples
+from .fsio import atomic_path, write_json
+from .ingest.local import find_tile_files, read_label_raster, read_tile
+from .labels import tile_labels
+from .maps import write_preview
+from .predict import predict_site
+from .runner import Stage, StageContext
+from .samples import load_store, save_store
+from .sites import Legend, Site, load_legend
+from .splits import ParcelSplit, parcel_split
+from .tensors import concat_samples, labelled_samples
+from .train import as_series, class_table, encode_labels, train_model
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = (
+    "Pixel-level metrics on the pixels of held-out parcels only. Parcels (connected regions of one "
+    "crop in the label raster) are split per class with a seeded shuffle: about {test:.0%} of each "
+    "class's parcels are held out for test (at least one), the rest train (with a few taken for "
+    "validation/early stopping when a class keeps two or more); a class with a single parcel is "
+    "train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
+    "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
+    "macro F1 and mIoU average over the evaluated classes. The random forest baseline is trained "
+    "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
+    "model of seed {seed0}."
+)
+
+
+def run_tiles(site: Site, year: int) -> list[tuple[str, int]]:
+    """Tiles mapped for ``year``."""
+    return [(t.id, t.year) for t in site.local.tiles if t.year == year]
+
+
+def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
+    """Labelled tiles used for training: the run year's, or every year up to it with ``pool_years``."""
+    if site.training.pool_years:
+        return [(t.id, t.year) for t in site.local.tiles if t.year <= year]
+    return run_tiles(site, year)
+
+
+def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None) -> tuple[list[Stage], Legend]:
+    legend = load_legend(site.legend)
+    tr = site.training
+    if epochs is not None:
+        tr = tr.model_copy(update={"epochs": epochs})
+    mapped = run_tiles(site, year)
+    trained = training_tiles(site, year)
+    if not mapped:
+        raise StageError(f"site {site.name!r} lists no tile for year {year}", fix=f"add tiles with year {year} to its site file")
+    tiles = sorted(set(mapped) | set(trained), key=lambda t: [x.id for x in site.local.tiles].index(t[0]))
+    tile_index = {t.id: i for i, t in enumerate(site.local.tiles)}
+    files = {tid: find_tile_files(site, tid) for tid, _ in tiles}
+    source_files = [p for f in files.values() for p in f.existing() if p != f.labels]
+    label_files = [f.labels for tid, f in files.items() if f.labels is not None]
+    legend_doc = legend.model_dump()
+
+    def ingest(ctx: StageContext) -> dict[str, str]:
+        out = ctx.path("cube")
+        out.mkdir(parents=True, exist_ok=True)
+        keep = {f"{tid}.zarr" for tid, _ in tiles}
+        for stale in out.iterdir():
+            if stale.name not in keep:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        notes, sizes = [], {}
+        tick = ctx.progress("ingest tiles", len(tiles)) if ctx.progress else None
+        for tid, tyear in tiles:
+            cube, tile_notes = read_tile(site, tid, tyear)
+            write_cube(cube, out / f"{tid}.zarr")
+            notes += tile_notes
+            sizes[tid] = {"s2_dates": int(cube.sizes["time_s2"]), "s1_dates": int(cube.sizes["time_s1"]),
+                          "clear_fraction": round(float(cube["s2_clear"].mean()), 3), "missing_bands": list(cube.attrs["missing_bands"])}
+            if tick:
+                tick(1)
+        ctx.report.update(tiles=sizes, notes=notes)
+        return {"cube": "cube"}
+
+    def labels(ctx: StageContext) -> dict[str, str]:
+        out = ctx.path("labels")
+        tables, unmapped = [], {}
+        with atomic_path(out, is_dir=True) as tmp:
+            for tid, tyear in tiles:
+                codes, grid = read_label_raster(site, tid)
+                tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform)
+                profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=f"EPSG:{grid.epsg}",
+                               transform=grid.transform, compress="deflate")
+                with rasterio.open(tmp / f"{tid}_class.tif", "w", dtype="uint8", nodata=0, **profile) as ds:
+                    ds.write(tl.classes, 1)
+                with rasterio.open(tmp / f"{tid}_parcel.tif", "w", dtype="int64", nodata=0, **profile) as ds:
+                    ds.write(tl.parcels, 1)
+                tables.append(tl.parcel_table)
+                if tl.unmapped:
+                    unmapped[tid] = {str(k): v for k, v in tl.unmapped.items()}
+            parcels = pd.concat(tables, ignore_index=True)
+            parcels.to_parquet(tmp / "parcels.parquet", index=False)
+        per_class = parcels.groupby("class_name").agg(parcels=("parcel_id", "size"), pixels=("n_pixels", "sum"))
+        ctx.report.update(parcels=int(len(parcels)), per_class=per_class.to_dict(orient="index"),
+                          unmapped_source_codes=unmapped)
+        if unmapped:
+            ctx.report["notes"] = [f"tile {t}: source codes not in legend {legend.name!r} (pixels): {u}" for t, u in unmapped.items()]
+        return {"labels": "labels"}
+
+    def tensors(ctx: StageContext) -> dict[str, str]:
+        cube_dir, label_dir = ctx.upstream["ingest"]["cube"], ctx.upstream["labels"]["labels"]
+        names = {c.code: c.name for c in legend.classes}
+        parts = []
+        for tid, _ in trained:
+            with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
+                classes = ds.read(1)
+            with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
+                parcels = ds.read(1)
+            parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names))
+        samples = concat_samples(parts)
+        save_store(samples, ctx.path("samples/pixels"))
+        ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
+                          mean_length=round(float(samples.lengths.mean()), 1), tiles=[t for t, _ in trained],
+                          per_class={names[int(k)]: int(v) for k, v in samples.table["label"].value_counts().sort_index().items()})
+        return {"samples": "samples/pixels"}
+
+    def parcels_of(samples) -> pd.DataFrame:
+        t = samples.table
+        p = t.groupby("parcel_id").agg(label=("label", "first"), n_pixels=("label", "size")).reset_index()
+        p = p[p.n_pixels >= tr.min_parcel_pixels]
+        p["class_name"] = p["label"].map(lambda c: samples.class_names.get(int(c), str(c)))
+        return p
+
+    def split_indices(samples, split: ParcelSplit, seed: int) -> dict[str, np.ndarray]:
+        side = samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy()
+        rng = np.random.default_rng(seed)
+        train = []
+        for _, g in samples.table[side == "train"].groupby("parcel_id"):
+            idx = g.index.to_numpy()
+            train.append(rng.choice(idx, size=min(tr.max_pixels_per_parcel, len(idx)), replace=False))
+        return {"train": np.sort(np.concatenate(train)), "val": np.nonzero(side == "val")[0], "test": np.nonzero(side == "test")[0]}
+
+    def train(ctx: StageContext) -> dict[str, str]:
+        samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
+        parcels = parcels_of(samples)
+        models_dir, base_dir = ctx.path("models"), ctx.path("baselines")
+        tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
+        report = {}
+        for seed in tr.split_seeds:
+            split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
+            idx = split_indices(samples, split, seed)
+            cfg = FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
+                            device=device or "auto")
+            meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
+                               fit_config=cfg, extra_files={"split.json": split.to_dict()},
+                               on_epoch=(lambda row: tick(1)) if tick else None)
+            if tick:
+                tick(tr.epochs - meta["fit"]["epochs_run"])
+            # the random-forest baseline on exactly the same training pixels and test pixels
+            classes = class_table(samples, idx["train"])
+            y = encode_labels(samples, classes)
+            forest = make_forest(seed).fit(binned_features(as_series(samples.subset(idx["train"]))), y[idx["train"]])
+            proba = forest.predict_proba(binned_features(as_series(samples.subset(idx["test"]))))
+            full = np.zeros((len(idx["test"]), len(classes)), dtype=np.float32)
+            full[:, forest.classes_] = proba
+            base = pd.DataFrame({"sample_id": samples.table["sample_id"].to_numpy()[idx["test"]]})
+            base[[f"p{i}" for i in range(len(classes))]] = full
+            with atomic_path(base_dir / f"forest-seed-{seed}.parquet") as tmp:
+                base.to_parquet(tmp, index=False)
+            report[f"seed-{seed}"] = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
+                                      "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
+                                      "train_only_classes": split.train_only}
+        ctx.report.update(report)
+        return {"models": "models", "model": f"models/seed-{tr.split_seeds[0]}", "baselines": "baselines"}
+
+    def predict(ctx: StageContext) -> dict[str, str]:
+        cube_dir = ctx.upstream["ingest"]["cube"]
+        model_dir = ctx.upstream["train"]["model"]
+        tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
+        summary = predict_site(site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir,
+                               ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), device=device,
+                               tags={"site": site.name, "year": str(year), "model": tr.model}, on_block=tick)
+        windows = [(t["tile"], t) for t in summary["tiles"]]
+        write_preview(ctx.path("map/crops.tif"), ctx.path("map/preview.png"), title=f"{site.name} {year}: crop map",
+                      windows=[(name, (w["col_off"], w["row_off"], w["width"], w["height"])) for name, w in windows])
+        ctx.report.update(summary)
+        return {"map": "map/crops.tif", "confidence": "map/confidence.tif", "preview": "map/preview.png",
+                "classes": "map/crops.tif.classes.json"}
+
+    def evaluate(ctx: StageContext) -> dict[str, str]:
+        samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
+        models_dir, base_dir = ctx.upstream["train"]["models"], ctx.upstream["train"]["baselines"]
+        runs = []
+        for seed in tr.split_seeds:
+            mdir = models_dir / f"seed-{seed}"
+            split = ParcelSplit.from_dict(json.loads((mdir / "split.json").read_text()))
+            test = np.nonzero(samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy() == "test")[0]
+            test_samples = samples.subset(test)
+            evaluated = sorted({samples.class_names.get(int(c), str(c)) for c in test_samples.table["label"]})
+            proba, meta, aligned = predict_samples(mdir, test_samples, device)
+            model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+            base = pd.read_parquet(base_dir / f"forest-seed-{seed}.parquet")
+            if list(base["sample_id"]) != list(test_samples.table["sample_id"]):
+                raise StageError(f"baseline predictions of seed {seed} do not match its test pixels", fix="rerun with --force")
+            base_m = metrics_for(test_samples, base[[f"p{i}" for i in range(len(meta["classes"]))]].to_numpy(), meta["classes"], evaluated)
+            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
+                         "parcels_per_class": split.parcels_per_class, "model": model_m, "baseline": base_m})
+        doc = _metrics_document(runs, tr, legend)
+        write_json(ctx.path("metrics.json"), doc)
+        ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},
+                          baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
+        return {"metrics": "metrics.json"}
+
+    def report(ctx: StageContext) -> dict[str, str]:
+        metrics = json.loads(ctx.upstream["evaluate"]["metrics"].read_text())
+        report_mod.write_report(ctx.path("report.html"), site=site, year=year, legend=legend, metrics=metrics,
+                                preview=ctx.upstream["predict"]["preview"], run_dir=ctx.run_dir)
+        return {"report": "report.html"}
+
+    common = {"site": site.name, "year": year}
+    stages = [
+        Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(),
+                                                              "cloud_mask": site.cloud_mask.model_dump()}),
+        Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc,
+                                                             "label_variable": site.local.label_variable}),
+        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained}),
+        Stage("train", train, after=["tensors"], config={"training": tr.model_dump()}),
+        Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
+                                                                      "crs": site.crs, "legend": legend_doc}),
+        Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
+        Stage("report", report, after=["predict", "evaluate"], config=common),
+    ]
+    return stages, legend
+
+
+def _tile_pixels(path: Path) -> int:
+    c = open_cube(path)
+    return int(c.sizes["y"] * c.sizes["x"])
+
+
+SCALARS = ("overall_accuracy", "kappa", "macro_f1", "weighted_f1", "miou")
+
+
+def _summary(metric_runs: list[dict]) -> dict:
+    s = summarize_runs(metric_runs)
+    out = {}
+    for k in SCALARS:
+        out[k] = round(s[k]["mean"], 4)
+        out[f"{k}_std"] = round(s[k]["std"], 4)
+    names = sorted({n for m in metric_runs for n in m["per_class"]})
+    per_class = {}
+    for n in names:
+        rows = [m["per_class"][n] for m in metric_runs if n in m["per_class"] and m["per_class"][n]["support"] > 0]
+        if rows:
+            per_class[n] = {
+                "f1": round(float(np.mean([r["f1"] for r in rows])), 4),
+                "f1_std": round(float(np.std([r["f1"] for r in rows], ddof=1)) if len(rows) > 1 else 0.0, 4),
+                "iou": round(float(np.mean([r["iou"] for r in rows])), 4),
+                "precision": round(float(np.mean([r["precision"] for r in rows])), 4),
+                "recall": round(float(np.mean([r["recall"] for r in rows])), 4),
+                "support": int(sum(r["support"] for r in rows)),
+                "runs_evaluated": len(rows),
+            }
+    out["per_class"] = per_class
+    out["n_samples"] = int(sum(m["n_samples"] for m in metric_runs))
+    return out
+
+
+def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
+    model = _summary([r["model"] for r in runs])
+    base = _summary([r["baseline"] for r in runs])
+    oa_gain = [r["model"]["overall_accuracy"] - r["baseline"]["overall_accuracy"] for r in runs]
+    f1_gain = [r["model"]["macro_f1"] - r["baseline"]["macro_f1"] for r in runs]
+    train_only = sorted({c for r in runs for c in r["train_only_classes"]})
+    return {
+        "protocol": PROTOCOL.format(test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0]),
+        "model": tr.model,
+        **model,
+        "n_runs": len(runs),
+        "evaluated_classes": sorted({c for r in runs for c in r["evaluated_classes"]}),
+        "train_only_classes": train_only,
+        "baseline": {"model": "random_forest (500 trees, depth 25, 30-day median features)", **base},
+        "comparison": {
+            "overall_accuracy_gain": round(float(np.mean(oa_gain)), 4),
+            "overall_accuracy_gain_std": round(float(np.std(oa_gain, ddof=1)) if len(oa_gain) > 1 else 0.0, 4),
+            "macro_f1_gain": round(float(np.mean(f1_gain)), 4),
+            "model_better_overall_accuracy_runs": f"{sum(g > 0 for g in oa_gain)}/{len(runs)}",
+        },
+        "runs": runs,
+    }

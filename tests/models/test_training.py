@@ -1,0 +1,110 @@
+"""Training loop, batching, checkpoints and the forest baseline on small synthetic series."""
+
+import numpy as np
+import pytest
+import torch
+
+from cropmap.models.checkpoint import load_model, read_meta, save_model
+from cropmap.models.forest import binned_features
+from cropmap.models.registry import build_model, model_names
+from cropmap.models.series import Series, band_statistics, make_batch, select_positions
+from cropmap.models.training import FitConfig, class_weights, fit, predict_proba
+
+BANDS = ["B04", "B08", "VV"]
+
+
+def synthetic(n=120, seed=0):
+    """Two classes whose NDVI peaks at different days; irregular dates, radar-only dates, gaps."""
+    rng = np.random.default_rng(seed)
+    vals, days, lengths, y = [], [], [], []
+    for i in range(n):
+        c = i % 2
+        t = np.sort(rng.choice(np.arange(-60, 300, 5), size=rng.integers(20, 50), replace=False)).astype(np.float32)
+        peak = 120 if c == 0 else 200
+        ndvi = 0.2 + 0.6 * np.exp(-((t - peak) / 40) ** 2)
+        red = 0.08 * (1 - ndvi) + rng.normal(0, 0.005, len(t))
+        nir = red * (1 + ndvi) / (1 - ndvi)
+        vv = -12 + 3 * ndvi + rng.normal(0, 0.5, len(t))
+        v = np.stack([red, nir, vv], 1).astype(np.float32)
+        radar_only = rng.random(len(t)) < 0.3
+        v[radar_only, :2] = np.nan
+        vals.append(v), days.append(t), lengths.append(len(t)), y.append(c)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Series(np.concatenate(vals), np.concatenate(days), offsets), np.array(y)
+
+
+def stnet(series, n_classes=2):
+    mean, std = band_statistics(series)
+    model, cfg = build_model("stnet", bands=BANDS, n_classes=n_classes, mean=mean.tolist(), std=std.tolist())
+    return model, cfg, mean, std
+
+
+def test_registry_lists_stnet():
+    assert "stnet" in model_names()
+
+
+def test_batches_pad_mask_and_normalise():
+    s, _ = synthetic(4)
+    mean, std = band_statistics(s)
+    b = make_batch(s, np.array([0, 1]), mean, std, max_len=16)
+    assert b["x"].shape[0] == 2 and b["x"].shape[1] <= 16
+    assert not torch.isnan(b["x"]).any()
+    assert (b["present"][..., 0] == b["present"][..., 1]).all()
+    assert (b["x"][~b["present"]] == 0).all()
+    assert b["mask"].any(1).all()
+
+
+def test_evaluation_subsampling_is_deterministic_and_training_is_random():
+    a = select_positions(100, 10, None)
+    assert list(a) == list(select_positions(100, 10, None)) and a[0] == 0 and a[-1] == 99
+    rng = np.random.default_rng(0)
+    r1, r2 = select_positions(100, 10, rng), select_positions(100, 10, rng)
+    assert len(r1) == 10 and (np.diff(r1) > 0).all() and list(r1) != list(r2)
+    assert list(select_positions(5, 10, rng)) == [0, 1, 2, 3, 4]
+
+
+def test_class_weights_favour_rare_classes():
+    w = class_weights(np.array([0, 0, 0, 0, 1]), 3)
+    assert w[1] > w[0] and w[2] == 0
+
+
+def test_fit_learns_and_is_reproducible():
+    s, y = synthetic()
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)  # initial weights
+        model, _, mean, std = stnet(s)
+        fit(model, s, y, mean, std, FitConfig(epochs=15, batch_size=32, max_len=32, seed=3))
+        p = predict_proba(model, s, mean, std, 32)
+        results.append(p)
+    assert (results[0].argmax(1) == y).mean() > 0.9
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)  # same seed, same model
+    np.testing.assert_allclose(results[0].sum(1), 1, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    s, y = synthetic()
+    model, _, mean, std = stnet(s)
+    r = fit(model, s, y, mean, std, FitConfig(epochs=6, batch_size=32, max_len=32, patience=2), val=s, y_val=y)
+    assert 1 <= r.best_epoch <= len(r.history) and "val_macro_f1" in r.history[0]
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    s, y = synthetic(20)
+    model, cfg, mean, std = stnet(s)
+    meta = {"model": "stnet", "model_config": cfg, "bands": BANDS, "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
+            "classes": [{"index": 0, "label": 1, "name": "a"}, {"index": 1, "label": 2, "name": "b"}], "max_len": 32}
+    save_model(tmp_path, model, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    back, meta2 = load_model(tmp_path)
+    np.testing.assert_allclose(predict_proba(back, s, mean, std, 32), predict_proba(model, s, mean, std, 32), atol=1e-6)
+    assert meta2["classes"][1]["name"] == "b"
+    (tmp_path / "config.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="format"):
+        read_meta(tmp_path)
+
+
+def test_forest_features_are_binned_medians_with_nan_for_gaps():
+    s = Series(np.array([[1.0], [3.0], [10.0]], np.float32), np.array([0.0, 10.0, 100.0], np.float32), np.array([0, 3]))
+    f = binned_features(s, edges=np.array([0, 30, 60, 120], np.float32))
+    np.testing.assert_allclose(f, [[2.0, np.nan, 10.0]])
