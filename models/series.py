@@ -49,6 +49,7 @@ def band_statistics(series: Series, sample_idx: np.ndarray | None = None) -> tup
 
 
 def select_positions(length: int, max_len: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Training: a random sorted subset of at most ``max_len`` positions. Without ``rng``: evenly spaced."""
     if length <= max_len:
         return np.arange(length)
     if rng is None:
@@ -56,20 +57,29 @@ def select_positions(length: int, max_len: int, rng: np.random.Generator | None)
     return np.sort(rng.choice(length, size=max_len, replace=False))
 
 
-def make_batch(series: Series, idx: np.ndarray, mean: np.ndarray, std: np.ndarray, max_len: int,
-               rng: np.random.Generator | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Padded tensors ``x``, ``present``, ``days``, ``mask`` for the samples ``idx``."""
-    picks = [series.offsets[i] + select_positions(int(series.lengths[i]), max_len, rng) for i in idx]
+def interleaved_views(length: int, max_len: int) -> list[np.ndarray]:
+    """Deterministic views of a series for inference: ``k = ceil(length / max_len)`` interleaved
+    subsets (positions ``j, j+k, j+2k, ...``) that together cover every observation, each as dense
+    in time as a training draw."""
+    k = max(1, -(-length // max_len))
+    return [np.arange(j, length, k)[:max_len] for j in range(k)]
+
+
+def pad_batch(series: Series, picks: list[np.ndarray], mean: np.ndarray, std: np.ndarray,
+              device: str | torch.device = "cpu", day_shift: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Padded, normalised tensors ``x``, ``present``, ``days``, ``mask`` for rows ``picks`` (one array per series)."""
     t = max(1, max(len(p) for p in picks))
     c = series.values.shape[1]
-    x = np.zeros((len(idx), t, c), dtype=np.float32)
-    days = np.zeros((len(idx), t), dtype=np.float32)
-    mask = np.zeros((len(idx), t), dtype=bool)
+    x = np.zeros((len(picks), t, c), dtype=np.float32)
+    days = np.zeros((len(picks), t), dtype=np.float32)
+    mask = np.zeros((len(picks), t), dtype=bool)
     for b, rows in enumerate(picks):
         n = len(rows)
         x[b, :n] = series.values[rows]
         days[b, :n] = series.days[rows]
         mask[b, :n] = True
+    if day_shift is not None:
+        days += day_shift.astype(np.float32)[:, None] * mask
     present = ~np.isnan(x) & mask[:, :, None]
     x = np.where(present, (x - mean) / std, 0.0).astype(np.float32)
     return {
@@ -78,3 +88,17 @@ def make_batch(series: Series, idx: np.ndarray, mean: np.ndarray, std: np.ndarra
         "days": torch.from_numpy(days).to(device),
         "mask": torch.from_numpy(mask).to(device),
     }
+
+
+def make_batch(series: Series, idx: np.ndarray, mean: np.ndarray, std: np.ndarray, max_len: int,
+               rng: np.random.Generator | None = None, device: str | torch.device = "cpu",
+               jitter_days: float = 0.0) -> dict[str, torch.Tensor]:
+    """A batch of the samples ``idx``, one view each.
+
+    With ``rng`` (training): a random sorted subset of at most ``max_len`` observations, and every
+    series shifted in time by a uniform ``±jitter_days`` (fields sown earlier or later). Without:
+    evenly spaced observations (deterministic).
+    """
+    picks = [series.offsets[i] + select_positions(int(series.lengths[i]), max_len, rng) for i in idx]
+    shift = rng.uniform(-jitter_days, jitter_days, size=len(idx)) if rng is not None and jitter_days > 0 else None
+    return pad_batch(series, picks, mean, std, device, shift)

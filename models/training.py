@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .metrics import classification_metrics
-from .series import Series, make_batch
+from .series import Series, interleaved_views, make_batch, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,11 @@ class FitConfig:
     patience: int = 10
     seed: int = 0
     device: str = "cpu"
-    class_weighting: bool = True
+    class_weighting: str = "sqrt"
+    """``sqrt`` (inverse square-root frequency), ``balanced`` (inverse frequency) or ``none``."""
     label_smoothing: float = 0.0
+    jitter_days: float = 0.0
+    """Training augmentation: shift each series by up to this many days."""
 
 
 @dataclass
@@ -58,10 +61,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse square-root frequency weights, mean 1 over present classes."""
+def class_weights(y: np.ndarray, n_classes: int, mode: str = "sqrt") -> np.ndarray:
+    """Inverse (``balanced``) or inverse square-root (``sqrt``) frequency weights, mean 1 over present classes."""
+    if mode not in ("sqrt", "balanced"):
+        raise ValueError(f"unknown class weighting {mode!r}")
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    inv = 1.0 / np.maximum(counts, 1)
+    w = np.where(counts > 0, np.sqrt(inv) if mode == "sqrt" else inv, 0.0)
     present = counts > 0
     return (w / w[present].mean()).astype(np.float32)
 
@@ -74,7 +80,9 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
     rng = np.random.default_rng(cfg.seed)
     n_classes = n_classes or int(y_train.max()) + 1
     model.to(device)
-    weight = torch.from_numpy(class_weights(y_train, n_classes)).to(device) if cfg.class_weighting else None
+    weight = None
+    if cfg.class_weighting != "none":
+        weight = torch.from_numpy(class_weights(y_train, n_classes, cfg.class_weighting)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -90,7 +98,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            batch = make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device)
+            batch = make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device, jitter_days=cfg.jitter_days)
             logits = model(**batch)
             loss = loss_fn(logits, y_t[idx])
             opt.zero_grad(set_to_none=True)
@@ -127,14 +135,27 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
 @torch.no_grad()
 def predict_proba(model: nn.Module, series: Series, mean: np.ndarray, std: np.ndarray, max_len: int,
                   batch_size: int = 1024, device: str | None = None) -> np.ndarray:
-    """Class probabilities (N, K), deterministic."""
+    """Class probabilities (N, K), deterministic.
+
+    A series longer than ``max_len`` is cut into interleaved views that together cover all its
+    observations (:func:`~cropmap.models.series.interleaved_views`); their probabilities are averaged.
+    """
     device = resolve_device(device)
     model.to(device).eval()
-    out = []
-    for start in range(0, len(series), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(series)))
-        batch = make_batch(series, idx, mean, std, max_len, rng=None, device=device)
-        out.append(torch.softmax(model(**batch).float(), dim=-1).cpu().numpy())
-    if not out:
+    owner, picks = [], []
+    for i in range(len(series)):
+        for view in interleaved_views(int(series.lengths[i]), max_len):
+            owner.append(i)
+            picks.append(series.offsets[i] + view)
+    owner = np.asarray(owner, dtype=np.int64)
+    out = None
+    for start in range(0, len(picks), batch_size):
+        batch = pad_batch(series, picks[start:start + batch_size], mean, std, device)
+        p = torch.softmax(model(**batch).float(), dim=-1).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(series), p.shape[1]), dtype=np.float64)
+        np.add.at(out, owner[start:start + batch_size], p)
+    if out is None:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out)
+    out /= np.bincount(owner, minlength=len(series))[:, None]
+    return out.astype(np.float32)

@@ -80,6 +80,7 @@ def run(
     from .workflow import build_stages
 
     t0 = time.perf_counter()
+    _check_device(device)
     s = load_site(site)
     y = s.resolve_year(year)
     stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs)
@@ -129,6 +130,17 @@ def _run_stages(runner, stages, outputs):
         raise type(exc)(f"stage {failed}: {exc.what}", fix=exc.fix) from None
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise CropmapError(f"unknown device {device!r}", fix="use --device auto, cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CropmapError("--device cuda was asked for but torch sees no CUDA device",
+                               fix="use --device cpu (or auto), or install a CUDA build of torch")
+
+
 def _threads() -> None:
     import torch
 
@@ -158,8 +170,9 @@ def train(
     from cropmap.models.training import FitConfig
 
     from .samples import load_samples
-    from .train import default_split, subsample_labels, train_model, class_table, encode_labels
+    from .train import class_table, default_split, encode_labels, subsample_labels, train_model
 
+    _check_device(device)
     _threads()
     data = load_samples(samples)
     tr, va = default_split(data, seed)
@@ -188,6 +201,7 @@ def evaluate(
     from .evaluate import evaluate_model
     from .samples import load_samples
 
+    _check_device(device)
     _threads()
     m = evaluate_model(model, load_samples(samples), None if device == "auto" else device)
     if as_json:

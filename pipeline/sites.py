@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -116,11 +116,16 @@ class CloudMask(_Strict):
 
 class Training(_Strict):
     model: str = "stnet"
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    """Constructor options of the model (e.g. ``pooling: mean`` for STNet)."""
     pool_years: bool = False
     """Train on labelled tiles of every site year up to the run year (not only the run year)."""
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    class_weighting: Literal["sqrt", "balanced", "none"] = "sqrt"
+    jitter_days: float = Field(default=0.0, ge=0)
+    """Training augmentation: shift each series in time by up to this many days."""
     max_len: int = Field(default=64, ge=4)
     """Observations per series fed to the model (longer series are subsampled, deterministically at test time)."""
     max_pixels_per_parcel: int = Field(default=200, ge=1)

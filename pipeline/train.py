@@ -99,6 +99,7 @@ def default_split(samples: PixelSamples, seed: int, val_fraction: float = 0.15) 
 
 def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray, out_dir: Path, *,
                 model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
+                model_options: dict | None = None,
                 extra_meta: dict | None = None, extra_files: dict[str, object] | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta."""
     cfg = fit_config or FitConfig()
@@ -116,7 +117,11 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     series = as_series(samples)
     mean, std = band_statistics(series, train_idx)
     torch.manual_seed(cfg.seed)
-    model, model_config = build_model(model_name, bands=samples.bands, n_classes=len(classes), mean=mean.tolist(), std=std.tolist())
+    try:
+        model, model_config = build_model(model_name, bands=samples.bands, n_classes=len(classes), mean=mean.tolist(),
+                                          std=std.tolist(), **(model_options or {}))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"invalid options {model_options} for model {model_name!r}: {exc}", fix="fix training.model_options") from None
     if pretrained is not None:
         _load_pretrained(model, Path(pretrained), samples.bands)
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731

@@ -176,9 +176,9 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
             idx = split_indices(samples, split, seed)
             cfg = FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
-                            device=device or "auto")
+                            device=device or "auto", class_weighting=tr.class_weighting, jitter_days=tr.jitter_days)
             meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
-                               fit_config=cfg, extra_files={"split.json": split.to_dict()},
+                               model_options=tr.model_options, fit_config=cfg, extra_files={"split.json": split.to_dict()},
                                on_epoch=(lambda row: tick(1)) if tick else None)
             if tick:
                 tick(tr.epochs - meta["fit"]["epochs_run"])

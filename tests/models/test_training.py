@@ -108,3 +108,22 @@ def test_forest_features_are_binned_medians_with_nan_for_gaps():
     s = Series(np.array([[1.0], [3.0], [10.0]], np.float32), np.array([0.0, 10.0, 100.0], np.float32), np.array([0, 3]))
     f = binned_features(s, edges=np.array([0, 30, 60, 120], np.float32))
     np.testing.assert_allclose(f, [[2.0, np.nan, 10.0]])
+
+
+def test_interleaved_views_cover_every_observation_once():
+    from cropmap.models.series import interleaved_views
+
+    views = interleaved_views(10, 4)
+    assert [list(v) for v in views] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(np.concatenate(interleaved_views(157, 48)).tolist()) == list(range(157))
+    assert [list(v) for v in interleaved_views(3, 48)] == [[0, 1, 2]]
+
+
+def test_prediction_averages_views_and_ignores_batch_size():
+    s, y = synthetic(30)
+    torch.manual_seed(0)
+    model, _, mean, std = stnet(s)
+    a = predict_proba(model, s, mean, std, max_len=8, batch_size=7)
+    b = predict_proba(model, s, mean, std, max_len=8, batch_size=1000)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a.sum(1), 1, atol=1e-5)
