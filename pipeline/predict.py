@@ -59,6 +59,7 @@ def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: 
                              fix="train the model on this site's samples")
         label_to_code[c["index"]] = int(c["label"])
     lut = np.array([label_to_code[i] for i in range(len(meta["classes"]))], dtype=np.uint8)
+    s1_window = int(meta.get("inputs", {}).get("s1_window_days", 0))  # build series as in training
 
     transform, width, height = site_grid(site)
     classes = [MapClass(c.code, c.name, c.color) for c in legend.classes]
@@ -80,7 +81,7 @@ def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: 
             windows.append((str(cube.attrs["tile"]), Window(origin.col_off, origin.row_off, grid.width, grid.height)))
             for r0 in range(0, grid.height, rows_per_block):
                 r1 = min(grid.height, r0 + rows_per_block)
-                values, days, lengths = cube_series(cube, rows=slice(r0, r1))
+                values, days, lengths = cube_series(cube, rows=slice(r0, r1), s1_window=s1_window)
                 npx = (r1 - r0) * grid.width
                 cls = np.zeros(npx, dtype=np.uint8)
                 conf = np.full(npx, np.nan, dtype=np.float32)

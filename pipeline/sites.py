@@ -114,6 +114,11 @@ class CloudMask(_Strict):
     """Sentinel-2 scene-classification classes treated as cloud, shadow, snow or no data."""
 
 
+class Tensors(_Strict):
+    s1_window_days: int = Field(default=0, ge=0, le=60)
+    """Average Sentinel-1 acquisitions over windows of this many days, in linear power (0 = raw)."""
+
+
 class Training(_Strict):
     model: str = "stnet"
     model_options: dict[str, Any] = Field(default_factory=dict)
@@ -151,6 +156,7 @@ class Site(_Strict):
     local: LocalSource | None = None
     bands: Bands = Field(default_factory=Bands)
     cloud_mask: CloudMask = Field(default_factory=CloudMask)
+    tensors: Tensors = Field(default_factory=Tensors)
     training: Training = Field(default_factory=Training)
 
     @field_validator("name")

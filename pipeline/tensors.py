@@ -27,9 +27,36 @@ def cube_bands(cube: xr.Dataset) -> list[str]:
     return [*cube.attrs["bands_s2"], *cube.attrs["bands_s1"]]
 
 
+def composite_s1(s1: np.ndarray, days: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average radar backscatter over ``window``-day bins, in linear power (never in dB).
+
+    ``s1`` (T, C, P) in dB with NaN; returns (T', C, P) in dB and each bin's mean acquisition day
+    (rounded). Averaging the acquisitions of one 12-day repeat cycle suppresses speckle.
+    """
+    if window <= 1 or len(days) == 0:
+        return s1, days
+    bins = (days - days.min()) // window
+    uniq = np.unique(bins)
+    out = np.full((len(uniq), *s1.shape[1:]), np.nan, dtype=np.float32)
+    out_days = np.zeros(len(uniq), dtype=days.dtype)
+    power = np.power(10.0, s1.astype(np.float64) / 10.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
+        for k, b in enumerate(uniq):
+            sel = bins == b
+            out[k] = (10.0 * np.log10(np.nanmean(power[sel], axis=0))).astype(np.float32)
+            out_days[k] = int(round(float(days[sel].mean())))
+    return out, out_days
+
+
 def cube_series(cube: xr.Dataset, rows: slice = slice(None), cols: slice = slice(None),
-                pixel_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                pixel_mask: np.ndarray | None = None, s1_window: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ragged series of the pixels of a cube window, row-major.
+
+    ``s1_window`` > 1 averages radar acquisitions over that many days (see :func:`composite_s1`);
+    optical observations always stay raw acquisitions.
 
     Returns ``values`` (n_obs, C) float32, ``days`` (n_obs,) float32 and ``lengths`` (P,) where P
     is the number of pixels in the window (or of True pixels in ``pixel_mask``, shaped like the
@@ -52,6 +79,7 @@ def cube_series(cube: xr.Dataset, rows: slice = slice(None), cols: slice = slice
 
     d2 = day_offsets(cube["time_s2"].values, year)
     d1 = day_offsets(cube["time_s1"].values, year)
+    s1, d1 = composite_s1(s1, d1, s1_window)
     union = np.unique(np.concatenate([d2, d1]))
     arr = np.full((len(union), c2 + c1, p), np.nan, dtype=np.float32)
     # several acquisitions on one day (overlapping orbits): keep the first observed value
@@ -69,10 +97,10 @@ def cube_series(cube: xr.Dataset, rows: slice = slice(None), cols: slice = slice
 
 
 def labelled_samples(cube: xr.Dataset, classes: np.ndarray, parcels: np.ndarray,
-                     class_names: dict[int, str]) -> PixelSamples:
+                     class_names: dict[int, str], s1_window: int = 0) -> PixelSamples:
     """The labelled pixels of one tile as samples (label = class code, with parcel ids)."""
     sel = classes > 0
-    values, days, lengths = cube_series(cube, pixel_mask=sel)
+    values, days, lengths = cube_series(cube, pixel_mask=sel, s1_window=s1_window)
     rr, cc = np.nonzero(sel)
     tile = str(cube.attrs["tile"])
     xs = cube["x"].values[cc]

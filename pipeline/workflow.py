@@ -50,9 +50,8 @@ log = logging.getLogger(__name__)
 PROTOCOL = (
     "Pixel-level metrics on the pixels of held-out parcels only. Parcels (connected regions of one "
     "crop in the label raster) are split per class with a seeded shuffle: about {test:.0%} of each "
-    "class's parcels are held out for test (at least one), the rest train (with a few taken for "
-    "validation/early stopping when a class keeps two or more); a class with a single parcel is "
-    "train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
+    "class's parcels are held out for test (at least one), the rest train{val}; a class with a "
+    "single parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
     "macro F1 and mIoU average over the evaluated classes. The random forest baseline is trained "
     "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
@@ -142,7 +141,8 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                 classes = ds.read(1)
             with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
                 parcels = ds.read(1)
-            parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names))
+            parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
+                                          s1_window=site.tensors.s1_window_days))
         samples = concat_samples(parts)
         save_store(samples, ctx.path("samples/pixels"))
         ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
@@ -179,6 +179,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                             device=device or "auto", class_weighting=tr.class_weighting, jitter_days=tr.jitter_days)
             meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
                                model_options=tr.model_options, fit_config=cfg, extra_files={"split.json": split.to_dict()},
+                               extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
                                on_epoch=(lambda row: tick(1)) if tick else None)
             if tick:
                 tick(tr.epochs - meta["fit"]["epochs_run"])
@@ -249,7 +250,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                                                               "cloud_mask": site.cloud_mask.model_dump()}),
         Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc,
                                                              "label_variable": site.local.label_variable}),
-        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained}),
+        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
         Stage("train", train, after=["tensors"], config={"training": tr.model_dump()}),
         Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
                                                                       "crs": site.crs, "legend": legend_doc}),
@@ -299,7 +300,10 @@ def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
     f1_gain = [r["model"]["macro_f1"] - r["baseline"]["macro_f1"] for r in runs]
     train_only = sorted({c for r in runs for c in r["train_only_classes"]})
     return {
-        "protocol": PROTOCOL.format(test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0]),
+        "protocol": PROTOCOL.format(
+            test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
+            val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
+                 if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)")),
         "model": tr.model,
         **model,
         "n_runs": len(runs),

@@ -222,3 +222,18 @@ def test_evaluate_needs_a_model_directory(long_tables, tmp_path):
 def test_unknown_model_name(long_tables, tmp_path):
     assert_one_line_error(cropmap("train", "--samples", long_tables / "train.parquet", "--model", "resnet", "--out", tmp_path / "m"),
                           "unknown model 'resnet'", "stnet")
+
+
+def test_prediction_does_not_depend_on_the_block_size(demo_run, fast_env, tmp_path, monkeypatch):
+    """Memory is bounded by the block of rows; the map must not change with it."""
+    from cropmap.pipeline.predict import predict_site
+    from cropmap.pipeline.sites import load_legend, load_site
+
+    run_dir, _ = demo_run
+    monkeypatch.setenv("CROPMAP_SITES_DIR", fast_env["CROPMAP_SITES_DIR"])
+    site = load_site("demo-fast")
+    cubes = [run_dir / "cube" / f"{t.id}.zarr" for t in site.local.tiles if t.year == 2019]
+    predict_site(site, load_legend(site.legend), cubes, run_dir / "models" / "seed-0", tmp_path / "m.tif", tmp_path / "c.tif",
+                 rows_per_block=5)
+    with rasterio.open(tmp_path / "m.tif") as a, rasterio.open(run_dir / "map" / "crops.tif") as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))

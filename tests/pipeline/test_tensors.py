@@ -59,3 +59,22 @@ def test_labelled_samples_carry_parcels_and_coordinates():
     assert list(s.table["label"]) == [1, 2, 2] and list(s.table["parcel_id"]) == [7, 9, 9]
     assert list(s.table["x"]) == [5.0, 5.0, 15.0] and list(s.table["y"]) == [15.0, 5.0, 5.0]
     assert s.class_names == {1: "a", 2: "b"}
+
+
+def test_radar_is_averaged_in_linear_power():
+    from cropmap.pipeline.tensors import composite_s1
+
+    s1 = np.array([-10.0, -20.0, np.nan, -13.0], dtype=np.float32).reshape(4, 1, 1)
+    days = np.array([0, 6, 11, 13])
+    out, d = composite_s1(s1, days, 12)
+    assert list(d) == [6, 13]
+    expected = 10 * np.log10((0.1 + 0.01) / 2)  # not the dB mean (-15)
+    np.testing.assert_allclose(out[:, 0, 0], [expected, -13.0], rtol=1e-6)
+    same, same_days = composite_s1(s1, days, 0)
+    assert same is s1 and same_days is days
+
+
+def test_cube_series_with_radar_windows():
+    values, days, lengths = cube_series(tiny_cube(), s1_window=30)
+    # the two radar dates (4, 19) fall in one 30-day bin on day 12 (rounded mean)
+    assert list(days[: lengths[0]]) == [4.0, 9.0, 12.0]
