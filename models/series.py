@@ -90,15 +90,66 @@ def pad_batch(series: Series, picks: list[np.ndarray], mean: np.ndarray, std: np
     }
 
 
+@dataclass
+class Augment:
+    """Training augmentations that mimic differences *between* fields, so that a model trained on
+    the pixels of a few dozen parcels does not learn the parcels themselves."""
+
+    jitter_days: float = 0.0
+    """Shift each series in time by a uniform ±days (earlier or later sowing, another year)."""
+    offset_std: float = 0.0
+    """Add a per-series, per-band offset ~ N(0, offset_std) in z-units (soil, management, calibration)."""
+    date_noise_p: float = 0.0
+    """Each date, with this probability, gets ±|N(0, 0.5)| z-units on all its bands (residual cloud +
+    or shadow -), as in SITS-MoCo."""
+    band_drop_p: float = 0.0
+    """With this probability a series loses the bands of a missing-band pattern seen in the
+    training data (e.g. a tile exported without its 10 m bands), so the model learns to work
+    from what such tiles have."""
+    band_patterns: list[list[int]] | None = None
+    """Missing-band patterns (band indices); :func:`missing_band_patterns` finds them."""
+
+    def apply(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        x, present, mask = batch["x"], batch["present"], batch["mask"]
+        b, t, c = x.shape
+        if self.offset_std > 0:
+            off = torch.from_numpy(rng.normal(0, self.offset_std, size=(b, 1, c)).astype(np.float32)).to(x.device)
+            x = x + off * present
+        if self.date_noise_p > 0:
+            hit = rng.random((b, t, 1)) < self.date_noise_p
+            amp = np.abs(rng.normal(0, 0.5, size=(b, t, 1))) * rng.choice([-1.0, 1.0], size=(b, t, 1))
+            x = x + torch.from_numpy((hit * amp).astype(np.float32)).to(x.device) * present
+        if self.band_drop_p > 0 and self.band_patterns:
+            drop = np.zeros((b, 1, c), dtype=bool)
+            for i in np.nonzero(rng.random(b) < self.band_drop_p)[0]:
+                drop[i, 0, self.band_patterns[rng.integers(len(self.band_patterns))]] = True
+            keep = ~torch.from_numpy(drop).to(x.device)
+            present = present & keep
+            x = x * present
+        return {**batch, "x": x, "present": present}
+
+
+def missing_band_patterns(series: Series) -> list[list[int]]:
+    """The distinct sets of bands that some series never observe (e.g. a tile lacking a file)."""
+    lengths = series.lengths
+    nonempty = np.nonzero(lengths > 0)[0]
+    if len(nonempty) == 0:
+        return []
+    absent = np.logical_and.reduceat(np.isnan(np.asarray(series.values)), series.offsets[nonempty], axis=0)
+    patterns = {tuple(np.nonzero(row)[0].tolist()) for row in absent if row.any() and not row.all()}
+    return [list(p) for p in sorted(patterns)]
+
+
 def make_batch(series: Series, idx: np.ndarray, mean: np.ndarray, std: np.ndarray, max_len: int,
                rng: np.random.Generator | None = None, device: str | torch.device = "cpu",
-               jitter_days: float = 0.0) -> dict[str, torch.Tensor]:
+               augment: Augment | None = None) -> dict[str, torch.Tensor]:
     """A batch of the samples ``idx``, one view each.
 
-    With ``rng`` (training): a random sorted subset of at most ``max_len`` observations, and every
-    series shifted in time by a uniform ``±jitter_days`` (fields sown earlier or later). Without:
-    evenly spaced observations (deterministic).
+    With ``rng`` (training): a random sorted subset of at most ``max_len`` observations and the
+    ``augment`` transforms. Without: evenly spaced observations (deterministic).
     """
     picks = [series.offsets[i] + select_positions(int(series.lengths[i]), max_len, rng) for i in idx]
-    shift = rng.uniform(-jitter_days, jitter_days, size=len(idx)) if rng is not None and jitter_days > 0 else None
-    return pad_batch(series, picks, mean, std, device, shift)
+    if rng is None or augment is None:
+        return pad_batch(series, picks, mean, std, device)
+    shift = rng.uniform(-augment.jitter_days, augment.jitter_days, size=len(idx)) if augment.jitter_days > 0 else None
+    return augment.apply(pad_batch(series, picks, mean, std, device, shift), rng)

@@ -9,6 +9,7 @@ keeps the weights of the best validation epoch (macro F1, then loss) and stops e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .metrics import classification_metrics
-from .series import Series, interleaved_views, make_batch, pad_batch
+from .series import Augment, Series, interleaved_views, make_batch, missing_band_patterns, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ class FitConfig:
     class_weighting: str = "sqrt"
     """``sqrt`` (inverse square-root frequency), ``balanced`` (inverse frequency) or ``none``."""
     label_smoothing: float = 0.0
-    jitter_days: float = 0.0
-    """Training augmentation: shift each series by up to this many days."""
+    augment: Augment = field(default_factory=Augment)
 
 
 @dataclass
@@ -87,6 +87,9 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     y_t = torch.from_numpy(np.asarray(y_train, np.int64)).to(device)
+    augment = cfg.augment
+    if augment.band_drop_p > 0 and augment.band_patterns is None:
+        augment = dataclasses.replace(augment, band_patterns=missing_band_patterns(train))
     result = FitResult()
     best_key, best_state, bad = None, None, 0
     t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            batch = make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device, jitter_days=cfg.jitter_days)
+            batch = make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device, augment=augment)
             logits = model(**batch)
             loss = loss_fn(logits, y_t[idx])
             opt.zero_grad(set_to_none=True)

@@ -125,15 +125,21 @@ class Training(_Strict):
     """Constructor options of the model (e.g. ``pooling: mean`` for STNet)."""
     pool_years: bool = False
     """Train on labelled tiles of every site year up to the run year (not only the run year)."""
-    epochs: int = Field(default=40, ge=1)
+    epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     class_weighting: Literal["sqrt", "balanced", "none"] = "sqrt"
-    jitter_days: float = Field(default=0.0, ge=0)
-    """Training augmentation: shift each series in time by up to this many days."""
-    max_len: int = Field(default=64, ge=4)
+    jitter_days: float = Field(default=15.0, ge=0)
+    """Augmentation: shift each training series in time by up to this many days."""
+    offset_std: float = Field(default=0.3, ge=0)
+    """Augmentation: per-series, per-band offset ~ N(0, offset_std) in z-units."""
+    date_noise_p: float = Field(default=0.15, ge=0, le=1)
+    """Augmentation: probability that a date gets cloud/shadow-like noise (SITS-MoCo)."""
+    band_drop_p: float = Field(default=0.3, ge=0, le=1)
+    """Augmentation: probability that a series loses the bands some training tiles lack."""
+    max_len: int = Field(default=48, ge=4)
     """Observations per series fed to the model (longer series are subsampled, deterministically at test time)."""
-    max_pixels_per_parcel: int = Field(default=200, ge=1)
+    max_pixels_per_parcel: int = Field(default=100, ge=1)
     split_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     """Parcel-disjoint splits repeated with these seeds; the map uses the first seed's model."""
     test_fraction: float = Field(default=0.3, gt=0, lt=1)

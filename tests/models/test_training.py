@@ -127,3 +127,24 @@ def test_prediction_averages_views_and_ignores_batch_size():
     b = predict_proba(model, s, mean, std, max_len=8, batch_size=1000)
     np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(a.sum(1), 1, atol=1e-5)
+
+
+def test_augmentations_touch_only_observed_values_and_drop_seen_band_patterns():
+    from cropmap.models.series import Augment, missing_band_patterns
+
+    s, _ = synthetic(40)
+    # make the first ten series lack band 0 entirely, as a tile without its 10 m export would
+    for i in range(10):
+        s.values[s.offsets[i]:s.offsets[i + 1], 0] = np.nan
+    assert missing_band_patterns(s) == [[0]]
+    mean, std = band_statistics(s)
+    idx = np.arange(10, 40)
+    plain = make_batch(s, idx, mean, std, 16, rng=np.random.default_rng(1))
+    aug = make_batch(s, idx, mean, std, 16, rng=np.random.default_rng(1),
+                     augment=Augment(jitter_days=10, offset_std=0.3, date_noise_p=0.2, band_drop_p=1.0, band_patterns=[[0]]))
+    assert not aug["present"][..., 0].any()  # every series lost band 0
+    assert torch.equal(aug["present"][..., 1:], plain["present"][..., 1:])
+    assert (aug["x"][~aug["present"]] == 0).all()  # missing stays missing
+    assert not torch.allclose(aug["x"][..., 1:], plain["x"][..., 1:])
+    shift = (aug["days"] - plain["days"])[plain["mask"]]
+    assert shift.abs().max() <= 10 and shift.abs().max() > 0
