@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from cropmap.pipeline.runner import Runner
-from cropmap.pipeline.sites import SITES_DIR, load_site
+from cropmap.pipeline.sites import load_site
 from cropmap.pipeline.workflow import build_stages
 
 
