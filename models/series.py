@@ -9,6 +9,7 @@ deterministically (evenly spaced) otherwise, so evaluation never depends on a ra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +30,25 @@ class Series:
         return np.diff(self.offsets)
 
 
+def ragged_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for every (start, length) pair, vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    rel = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + rel
+
+
 def band_statistics(series: Series, sample_idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and std of the observed values (of the given samples); std >= 1e-6."""
     vals = np.asarray(series.values)
     if sample_idx is not None:
-        starts, lengths = series.offsets[sample_idx], series.lengths[sample_idx]
-        rows = np.repeat(starts, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        vals = vals[rows]
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(vals, axis=0)
-            std = np.nanstd(vals, axis=0)
+        vals = vals[ragged_rows(series.offsets[sample_idx], series.lengths[sample_idx])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a band never observed: NaN, replaced below
+        mean = np.nanmean(vals, axis=0)
+        std = np.nanstd(vals, axis=0)
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0)
     return mean.astype(np.float32), std.astype(np.float32)

@@ -15,7 +15,7 @@ from cropmap.models.metrics import classification_metrics
 from cropmap.models.training import predict_proba
 
 from .errors import ModelError, SamplesError
-from .samples import PixelSamples
+from .samples import PixelSamples, from_ragged
 from .train import as_series, encode_labels, load_model_dir
 
 
@@ -32,8 +32,6 @@ def align_bands(samples: PixelSamples, bands: list[str]) -> PixelSamples:
     observed = ~np.isnan(values).all(axis=1)
     sample_of = np.repeat(np.arange(len(samples)), samples.lengths)
     lengths = np.bincount(sample_of[observed], minlength=len(samples))
-    from .samples import from_ragged
-
     out = from_ragged(bands, values[observed], np.asarray(samples.days)[observed], lengths, samples.table, samples.class_names)
     keep = np.nonzero(lengths > 0)[0]
     return out if len(keep) == len(out) else out.subset(keep)

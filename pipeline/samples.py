@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cropmap.models.series import ragged_rows
+
 from .errors import SamplesError
 from .fsio import atomic_path
 
@@ -59,7 +61,7 @@ class PixelSamples:
         idx = np.asarray(idx, dtype=np.int64)
         lengths = self.lengths[idx]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        rows = _ragged_rows(self.offsets[idx], lengths)
+        rows = ragged_rows(self.offsets[idx], lengths)
         return PixelSamples(
             bands=list(self.bands),
             values=np.asarray(self.values[rows]),
@@ -68,15 +70,6 @@ class PixelSamples:
             table=self.table.iloc[idx].reset_index(drop=True),
             class_names=dict(self.class_names),
         )
-
-
-def _ragged_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for every (s, n), vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    rel = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + rel
 
 
 def from_ragged(bands, values, days, lengths, table, class_names=None) -> PixelSamples:

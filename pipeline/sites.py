@@ -88,20 +88,13 @@ class Bands(_Strict):
     s2: list[str] = Field(default_factory=lambda: list(S2_BANDS))
     s1: list[str] = Field(default_factory=lambda: list(S1_BANDS))
 
-    @field_validator("s2")
+    @field_validator("s2", "s1")
     @classmethod
-    def _s2(cls, v: list[str]) -> list[str]:
-        bad = [b for b in v if b not in S2_BANDS]
+    def _known(cls, v: list[str], info) -> list[str]:
+        sensor, valid = ("Sentinel-2", S2_BANDS) if info.field_name == "s2" else ("Sentinel-1", S1_BANDS)
+        bad = [b for b in v if b not in valid]
         if bad:
-            raise ValueError(f"unknown Sentinel-2 band(s) {bad}; valid: {list(S2_BANDS)}")
-        return v
-
-    @field_validator("s1")
-    @classmethod
-    def _s1(cls, v: list[str]) -> list[str]:
-        bad = [b for b in v if b not in S1_BANDS]
-        if bad:
-            raise ValueError(f"unknown Sentinel-1 band(s) {bad}; valid: {list(S1_BANDS)}")
+            raise ValueError(f"unknown {sensor} band(s) {bad}; valid: {list(valid)}")
         return v
 
     @property

@@ -92,9 +92,13 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         out = ctx.path("cube")
         out.mkdir(parents=True, exist_ok=True)
         keep = {f"{tid}.zarr" for tid, _ in tiles}
-        for stale in out.iterdir():
-            if stale.name not in keep:
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        for stale in out.iterdir():  # tiles of an earlier configuration
+            if stale.name in keep:
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink()
         notes, sizes = [], {}
         tick = ctx.progress("ingest tiles", len(tiles)) if ctx.progress else None
         for tid, tyear in tiles:
