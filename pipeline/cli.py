@@ -155,11 +155,12 @@ def train(
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Initialise from this model directory."),
     label_fraction: Optional[float] = typer.Option(None, "--label-fraction", min=0.0, max=1.0, help="Keep this fraction of training labels per class."),
     labels_per_class: Optional[int] = typer.Option(None, "--labels-per-class", min=1, help="Keep at most N training labels per class."),
-    epochs: int = typer.Option(40, "--epochs", min=1),
+    epochs: int = typer.Option(20, "--epochs", min=1),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    max_len: int = typer.Option(64, "--max-len", min=4, help="Observations per series fed to the model."),
+    max_len: int = typer.Option(48, "--max-len", min=4, help="Observations per series fed to the model."),
     batch_size: int = typer.Option(256, "--batch-size", min=2),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Training augmentations (the site defaults: time shift, band offsets, cloud/shadow noise, missing-band patterns)."),
 ) -> None:
     """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw)."""
     _setup(_state["debug"])
@@ -180,7 +181,12 @@ def train(
         y = encode_labels(data, class_table(data, tr))
         tr = subsample_labels(y, tr, seed, label_fraction, labels_per_class)
     console = _console()
-    cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size)
+    from cropmap.models.series import Augment
+
+    from .sites import Training
+
+    cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size,
+                    augment=Training().augment() if augment else Augment())
     meta = train_model(data, tr, va, out, model_name=model, fit_config=cfg, pretrained=pretrained,
                        extra_meta={"samples": str(samples)},
                        on_epoch=lambda row: console.print(f"  epoch {row['epoch']:3d} loss {row['train_loss']:.4f}"

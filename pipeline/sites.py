@@ -140,6 +140,12 @@ class Training(_Strict):
     min_parcel_pixels: int = Field(default=3, ge=1)
     """Parcels smaller than this (tile-edge slivers) are not sampled."""
 
+    def augment(self):
+        """The training augmentations as :class:`cropmap.models.series.Augment`."""
+        from cropmap.models.series import Augment
+
+        return Augment(self.jitter_days, self.offset_std, self.date_noise_p, self.band_drop_p)
+
 
 class Site(_Strict):
     name: str

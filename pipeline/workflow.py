@@ -27,7 +27,6 @@ import rasterio
 
 from cropmap.models.forest import binned_features, make_forest
 from cropmap.models.metrics import summarize_runs
-from cropmap.models.series import Augment
 from cropmap.models.training import FitConfig
 
 from . import report as report_mod
@@ -182,7 +181,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             idx = split_indices(samples, split, seed)
             cfg = FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
                             device=device or "auto", class_weighting=tr.class_weighting,
-                            augment=Augment(tr.jitter_days, tr.offset_std, tr.date_noise_p, tr.band_drop_p))
+                            augment=tr.augment())
             meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
                                model_options=tr.model_options, fit_config=cfg, extra_files={"split.json": split.to_dict()},
                                extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
