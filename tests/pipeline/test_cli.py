@@ -237,3 +237,17 @@ def test_prediction_does_not_depend_on_the_block_size(demo_run, fast_env, tmp_pa
                  rows_per_block=5)
     with rasterio.open(tmp_path / "m.tif") as a, rasterio.open(run_dir / "map" / "crops.tif") as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_label_budgets_and_pretrained_initialisation(long_tables, tmp_path):
+    base = cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "a", "--epochs", "1", "--no-augment")
+    assert base.returncode == 0, base.stderr
+    proc = cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "b", "--epochs", "1",
+                   "--labels-per-class", "5", "--pretrained", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert max(meta["data"]["train_per_class"].values()) <= 5
+    assert meta["fit"]["pretrained"] == str(tmp_path / "a")
+    both = cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "c",
+                   "--labels-per-class", "5", "--label-fraction", "0.5")
+    assert_one_line_error(both, "exclusive")

@@ -36,3 +36,19 @@ def test_split_is_seeded_and_round_trips():
 def test_no_validation_when_asked():
     sp = parcel_split(parcels(), 0, val_fraction=0.0)
     assert "val" not in set(sp.assignment.values())
+
+
+def test_label_budgets_are_stratified_and_seeded():
+    import numpy as np
+
+    from cropmap.pipeline.train import subsample_labels
+
+    y = np.array([0] * 100 + [1] * 10 + [2] * 1)
+    idx = np.arange(len(y))
+    a = subsample_labels(y, idx, seed=0, fraction=0.1)
+    assert np.bincount(y[a]).tolist() == [10, 1, 1]  # at least one per class
+    assert list(a) == list(subsample_labels(y, idx, seed=0, fraction=0.1))
+    assert list(a) != list(subsample_labels(y, idx, seed=1, fraction=0.1))
+    b = subsample_labels(y, idx, seed=0, per_class=5)
+    assert np.bincount(y[b]).tolist() == [5, 5, 1]
+    assert list(subsample_labels(y, idx, seed=0)) == list(idx)
