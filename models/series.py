@@ -116,7 +116,7 @@ class Augment:
     """Missing-band patterns (band indices); :func:`missing_band_patterns` finds them."""
 
     def apply(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        x, present, mask = batch["x"], batch["present"], batch["mask"]
+        x, present = batch["x"], batch["present"]
         b, t, c = x.shape
         if self.offset_std > 0:
             off = torch.from_numpy(rng.normal(0, self.offset_std, size=(b, 1, c)).astype(np.float32)).to(x.device)

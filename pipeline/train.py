@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 
 import cropmap
@@ -190,11 +189,3 @@ def load_model_dir(directory: Path, device: str | None = None):
         return load_model(directory, device=resolve_device(device))
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelError(f"model directory {str(directory)!r} is damaged or incompatible: {str(exc).splitlines()[0]}", fix="retrain it") from None
-
-
-def predictions_frame(samples: PixelSamples, idx: np.ndarray, proba: np.ndarray, classes: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "sample_id": samples.table["sample_id"].to_numpy()[idx],
-        "predicted": [classes[i]["label"] for i in proba.argmax(1)],
-        "confidence": proba.max(1),
-    })

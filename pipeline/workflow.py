@@ -31,7 +31,7 @@ from cropmap.models.training import FitConfig
 
 from . import report as report_mod
 from .cube import open_cube, write_cube
-from .errors import DataError, StageError
+from .errors import StageError
 from .evaluate import metrics_for, predict_samples
 from .fsio import atomic_path, write_json
 from .ingest.local import find_tile_files, read_label_raster, read_tile
