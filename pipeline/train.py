@@ -164,12 +164,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def _load_pretrained(model: torch.nn.Module, directory: Path, bands: list[str]) -> None:
     """Initialise from another model directory: every tensor whose name and shape match."""
-    try:
-        src, meta = load_model(directory)
-    except FileNotFoundError:
-        raise ModelError(f"pretrained model {str(directory)!r} not found (no config.json/model.safetensors)", fix="pass a directory written by `cropmap train`") from None
-    except ValueError as exc:
-        raise ModelError(f"pretrained model {str(directory)!r} is unusable: {exc}") from None
+    src, meta = load_model_dir(directory, "cpu")
     if meta["bands"] != bands:
         raise ModelError(f"pretrained model {str(directory)!r} was trained on bands {meta['bands']}, the samples have {bands}", fix="use samples with the same bands")
     own = model.state_dict()

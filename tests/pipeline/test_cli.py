@@ -250,3 +250,8 @@ def test_label_budgets_and_pretrained_initialisation(long_tables, tmp_path):
     both = cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "c",
                    "--labels-per-class", "5", "--label-fraction", "0.5")
     assert_one_line_error(both, "exclusive")
+
+
+def test_pretrained_must_be_a_model_directory(long_tables, tmp_path):
+    assert_one_line_error(cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "m",
+                                  "--pretrained", tmp_path), "not a model directory")
