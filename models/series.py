@@ -72,8 +72,13 @@ def interleaved_views(length: int, max_len: int) -> list[np.ndarray]:
 
 
 def pad_batch(series: Series, picks: list[np.ndarray], mean: np.ndarray, std: np.ndarray,
-              device: str | torch.device = "cpu", day_shift: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Padded, normalised tensors ``x``, ``present``, ``days``, ``mask`` for rows ``picks`` (one array per series)."""
+              device: str | torch.device = "cpu", day_shift: np.ndarray | None = None,
+              value_picks: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Padded, normalised tensors ``x``, ``present``, ``days``, ``mask`` for rows ``picks`` (one array per series).
+
+    ``value_picks`` (same lengths as ``picks``) takes the band values from other rows than the
+    dates: the temporal-shift augmentation of MoCo rolls the spectra while the dates stay.
+    """
     t = max(1, max(len(p) for p in picks))
     c = series.values.shape[1]
     x = np.zeros((len(picks), t, c), dtype=np.float32)
@@ -81,7 +86,7 @@ def pad_batch(series: Series, picks: list[np.ndarray], mean: np.ndarray, std: np
     mask = np.zeros((len(picks), t), dtype=bool)
     for b, rows in enumerate(picks):
         n = len(rows)
-        x[b, :n] = series.values[rows]
+        x[b, :n] = series.values[rows if value_picks is None else value_picks[b]]
         days[b, :n] = series.days[rows]
         mask[b, :n] = True
     if day_shift is not None:

@@ -251,6 +251,11 @@ class STNet(nn.Module):
         kwargs = config.to_dict()
         return cls(kwargs.pop("n_bands"), kwargs.pop("n_classes"), **kwargs)
 
+    @property
+    def embed_dim(self) -> int:
+        """Size of the :meth:`encode` embedding."""
+        return self.config.d_model
+
     def pooling_weights(self, x: Tensor, present: Tensor, mask: Tensor) -> Tensor:
         """Deterministic pooling weights ``(B, T)`` (no weight dropout), rows sum to 1."""
         with torch.no_grad():

@@ -1,19 +1,27 @@
 """Training and inference loops, model-agnostic (CPU or CUDA).
 
-:func:`fit` trains with Adam and class-weighted cross-entropy on randomly subsampled series,
-keeps the weights of the best validation epoch (macro F1, then loss) and stops early after
-``patience`` epochs without improvement; without a validation set it trains all epochs.
+:func:`fit` trains with Adam and class-weighted cross-entropy (or focal loss) on randomly
+subsampled series, keeps the weights of the best validation epoch (macro F1, then loss) and
+stops early after ``patience`` epochs without improvement; without a validation set it trains
+all epochs. Batches are built by a background thread while the model computes. On CUDA it uses
+bfloat16 autocast and (optionally) ``torch.compile``. With a ``checkpoint`` path it saves its
+whole state after every epoch (weights-only ``torch.save``) and resumes from it after a crash.
 :func:`predict_proba` is deterministic (evenly spaced observations, eval mode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+import os
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +31,8 @@ from .metrics import classification_metrics
 from .series import Augment, Series, interleaved_views, make_batch, missing_band_patterns, pad_batch
 
 log = logging.getLogger(__name__)
+
+LOSSES = ("ce", "focal")
 
 
 @dataclass
@@ -37,7 +47,16 @@ class FitConfig:
     device: str = "cpu"
     class_weighting: str = "sqrt"
     """``sqrt`` (inverse square-root frequency), ``balanced`` (inverse frequency) or ``none``."""
+    loss: str = "ce"
+    """``ce`` (cross-entropy) or ``focal`` (focal loss, ``focal_gamma``; as in PSE-TSA)."""
+    focal_gamma: float = 1.0
     label_smoothing: float = 0.0
+    freeze_encoder: bool = False
+    """Train only the ``decoder`` of the model (a frozen, e.g. pre-trained, encoder: linear probing)."""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on CPU)."""
+    compile: bool = False
+    """``torch.compile`` the model on CUDA (falls back to eager if compilation fails)."""
     augment: Augment = field(default_factory=Augment)
 
 
@@ -46,6 +65,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    resumed_from: int = 0
 
 
 def resolve_device(device: str | None) -> str:
@@ -72,9 +92,142 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str = "sqrt") -> np.ndarr
     return (w / w[present].mean()).astype(np.float32)
 
 
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by ``(1 - p_true) ** gamma``, optionally class-weighted."""
+
+    def __init__(self, gamma: float = 1.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum().clamp_min(1e-12)
+        return loss.mean()
+
+
+def make_loss(cfg: FitConfig, weight: torch.Tensor | None) -> nn.Module:
+    if cfg.loss == "ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weight)
+    raise ValueError(f"unknown loss {cfg.loss!r} (choose {', '.join(LOSSES)})")
+
+
+def prefetch(batches: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``batches`` produced by a background thread (``depth`` ahead), so building the next
+    batch (numpy indexing, padding, augmentation) overlaps with the model's forward/backward.
+    Batches come out in order, so results stay reproducible. Errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="cropmap-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def autocast(device: str, enabled: bool):
+    """bfloat16 autocast on CUDA; a no-op context elsewhere."""
+    if enabled and device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(model: nn.Module, device: str, enabled: bool) -> nn.Module:
+    """``torch.compile`` on CUDA (dynamic shapes: series lengths vary); the eager model otherwise."""
+    if not (enabled and device.startswith("cuda") and hasattr(torch, "compile")):
+        return model
+    try:
+        return torch.compile(model, dynamic=True)
+    except Exception as exc:  # noqa: BLE001 - compilation is an optimisation only
+        log.warning("torch.compile failed (%s); training in eager mode", exc)
+        return model
+
+
+def trainable_parameters(model: nn.Module, freeze_encoder: bool) -> list[nn.Parameter]:
+    if not freeze_encoder:
+        return list(model.parameters())
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} has no `decoder`: its encoder cannot be frozen")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in decoder.parameters():
+        p.requires_grad_(True)
+    return list(decoder.parameters())
+
+
+def set_train_mode(model: nn.Module, freeze_encoder: bool) -> None:
+    """Train mode; with a frozen encoder only the decoder (its BatchNorm statistics stay fixed elsewhere)."""
+    if freeze_encoder:
+        model.eval()
+        model.decoder.train()
+    else:
+        model.train()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, signature: dict) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this training (same signature), else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is not fatal: start again
+        log.warning("ignoring unreadable training checkpoint %s (%s)", path, exc)
+        return None
+    if state.get("signature") != signature:
+        log.warning("ignoring training checkpoint %s: it belongs to another configuration", path)
+        return None
+    return state
+
+
 def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, std: np.ndarray, cfg: FitConfig,
         val: Series | None = None, y_val: np.ndarray | None = None, n_classes: int | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
+        checkpoint: Path | None = None) -> FitResult:
+    """Train ``model`` in place (it ends with the best validation epoch's weights).
+
+    ``on_epoch(row)`` gets each epoch's log row; ``on_batch(n)`` the number of samples of each
+    step. With ``checkpoint``, the full training state is saved there after every epoch and a
+    matching checkpoint found at start is resumed (same data sizes and configuration).
+    """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -83,36 +236,60 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
     weight = None
     if cfg.class_weighting != "none":
         weight = torch.from_numpy(class_weights(y_train, n_classes, cfg.class_weighting)).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = make_loss(cfg, weight).to(device)
+    params = trainable_parameters(model, cfg.freeze_encoder)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     y_t = torch.from_numpy(np.asarray(y_train, np.int64)).to(device)
     augment = cfg.augment
     if augment.band_drop_p > 0 and augment.band_patterns is None:
         augment = dataclasses.replace(augment, band_patterns=missing_band_patterns(train))
     result = FitResult()
-    best_key, best_state, bad = None, None, 0
-    t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = rng.permutation(len(train))
-        total, n = 0.0, 0
+    best_key, best_state, bad, start_epoch = None, None, 0, 1
+    signature = {"config": repr(dataclasses.replace(cfg, device="")), "n_train": len(train), "n_val": len(val) if val is not None else 0,
+                 "n_classes": int(n_classes), "n_params": sum(p.numel() for p in model.parameters())}
+    if checkpoint is not None:
+        state = _load_state(Path(checkpoint), signature)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+            best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+            best_state, bad, result.best_epoch = state["best_state"], state["bad"], state["best_epoch"]
+            result.history = list(state["history"])
+            start_epoch = result.resumed_from = state["epoch"] + 1
+            log.info("resuming training at epoch %d from %s", start_epoch, checkpoint)
+    step_model = maybe_compile(model, device, cfg.compile)
+    t0 = time.perf_counter() - (result.history[-1]["seconds"] if result.history else 0.0)
+
+    def batches(order: np.ndarray):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            batch = make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device, augment=augment)
-            logits = model(**batch)
-            loss = loss_fn(logits, y_t[idx])
+            yield idx, make_batch(train, idx, mean, std, cfg.max_len, rng=rng, device=device, augment=augment)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        set_train_mode(model, cfg.freeze_encoder)
+        order = rng.permutation(len(train))
+        total, n = 0.0, 0
+        for idx, batch in prefetch(batches(order)):
+            with autocast(device, cfg.amp):
+                logits = step_model(**batch)
+            loss = loss_fn(logits.float(), y_t[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
             n += len(idx)
+            if on_batch:
+                on_batch(len(idx))
         sched.step()
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
         if val is not None and len(val) and y_val is not None:
-            proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, device)
+            proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, device, amp=cfg.amp)
             vl = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-8)), torch.from_numpy(np.asarray(y_val, np.int64))))
             m = classification_metrics(y_val, proba.argmax(1), [str(i) for i in range(n_classes)])
             row.update(val_loss=vl, val_macro_f1=m["macro_f1"], val_overall_accuracy=m["overall_accuracy"])
@@ -123,21 +300,32 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
                 bad += 1
         else:
             result.best_epoch = epoch
+        row["seconds"] = round(time.perf_counter() - t0, 3)
         result.history.append(row)
+        stop = val is not None and bad >= cfg.patience
+        if checkpoint is not None:
+            _save_state(Path(checkpoint), {
+                "signature": signature, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "best_key": list(best_key) if best_key is not None else None, "best_state": best_state, "bad": bad,
+                "best_epoch": result.best_epoch, "history": result.history,
+            })
         if on_epoch:
             on_epoch(row)
-        if val is not None and bad >= cfg.patience:
+        if stop:
             log.info("early stop at epoch %d (best %d)", epoch, result.best_epoch)
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, series: Series, mean: np.ndarray, std: np.ndarray, max_len: int,
-                  batch_size: int = 1024, device: str | None = None) -> np.ndarray:
+                  batch_size: int = 1024, device: str | None = None, amp: bool = True) -> np.ndarray:
     """Class probabilities (N, K), deterministic.
 
     A series longer than ``max_len`` is cut into interleaved views that together cover all its
@@ -154,7 +342,9 @@ def predict_proba(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     out = None
     for start in range(0, len(picks), batch_size):
         batch = pad_batch(series, picks[start:start + batch_size], mean, std, device)
-        p = torch.softmax(model(**batch).float(), dim=-1).cpu().numpy()
+        with autocast(device, amp):
+            logits = model(**batch)
+        p = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         if out is None:
             out = np.zeros((len(series), p.shape[1]), dtype=np.float64)
         np.add.at(out, owner[start:start + batch_size], p)

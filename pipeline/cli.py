@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -65,10 +65,10 @@ def sites() -> None:
 @app.command()
 def run(
     site: str = typer.Option(..., "--site", help="Site name (see `cropmap sites`)."),
-    year: Optional[int] = typer.Option(None, "--year", help="Season year (default: the site's default year)."),
+    year: int | None = typer.Option(None, "--year", help="Season year (default: the site's default year)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Output root; the run goes to OUT/SITE/YEAR."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the site's training epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the site's training epochs."),
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report."""
@@ -147,52 +147,127 @@ def _threads() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def _epoch_progress(console, total_epochs: int, samples_per_epoch: int, describe: Callable[[dict], str]):
+    """A rich progress bar over the samples of each epoch plus one printed line per epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("  epoch {task.fields[epoch]:>3}/" + str(total_epochs)), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("train", total=samples_per_epoch, epoch=1)
+
+    def on_batch(n: int) -> None:
+        progress.advance(task, n)
+
+    def on_epoch(row: dict) -> None:
+        console.print("  " + describe(row))
+        progress.reset(task, total=samples_per_epoch, epoch=row["epoch"] + 1)
+
+    return progress, on_batch, on_epoch
+
+
 @app.command()
 def train(
     samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table."),
-    model: str = typer.Option("stnet", "--model", help="Model name."),
+    model: str | None = typer.Option(None, "--model", help="Model name (default: stnet, or the --pretrained model)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
-    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Initialise from this model directory."),
-    label_fraction: Optional[float] = typer.Option(None, "--label-fraction", min=0.0, max=1.0, help="Keep this fraction of training labels per class."),
-    labels_per_class: Optional[int] = typer.Option(None, "--labels-per-class", min=1, help="Keep at most N training labels per class."),
+    pretrained: Path | None = typer.Option(None, "--pretrained", help="Initialise from this model or `cropmap pretrain` encoder directory."),
+    freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train only the classifier head (with --pretrained: a frozen pre-trained encoder)."),
+    label_fraction: float | None = typer.Option(None, "--label-fraction", min=0.0, max=1.0, help="Keep this fraction of training labels per class."),
+    labels_per_class: int | None = typer.Option(None, "--labels-per-class", min=1, help="Keep at most N training labels per class."),
     epochs: int = typer.Option(20, "--epochs", min=1),
+    patience: int = typer.Option(10, "--patience", min=1, help="Stop after this many epochs without validation improvement."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    loss: str = typer.Option("ce", "--loss", help="ce (cross-entropy) or focal."),
+    class_weighting: str = typer.Option("sqrt", "--class-weighting", help="sqrt, balanced or none."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_len: int = typer.Option(48, "--max-len", min=4, help="Observations per series fed to the model."),
     batch_size: int = typer.Option(256, "--batch-size", min=2),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Training augmentations (the site defaults: time shift, band offsets, cloud/shadow noise, missing-band patterns)."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint of an interrupted training of the same --out and start again."),
 ) -> None:
-    """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw)."""
+    """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw).
+
+    An interrupted training resumes from OUT.training/ (its checkpoint, history.csv and TensorBoard logs)."""
     _setup(_state["debug"])
     if label_fraction is not None and labels_per_class is not None:
         raise CropmapError("--label-fraction and --labels-per-class are exclusive", fix="pass only one")
     if label_fraction is not None and label_fraction <= 0:
         raise CropmapError(f"--label-fraction must be > 0, got {label_fraction}", fix="use a value in (0, 1]")
+    if loss not in ("ce", "focal"):
+        raise CropmapError(f"unknown --loss {loss!r}", fix="use --loss ce or --loss focal")
+    if class_weighting not in ("sqrt", "balanced", "none"):
+        raise CropmapError(f"unknown --class-weighting {class_weighting!r}", fix="use sqrt, balanced or none")
+    from cropmap.models.series import Augment
     from cropmap.models.training import FitConfig
 
     from .samples import load_samples
-    from .train import class_table, default_split, encode_labels, subsample_labels, train_model
+    from .sites import Training
+    from .train import class_table, default_split, encode_labels, pretrained_model_name, subsample_labels, train_model
 
     _check_device(device)
     _threads()
+    name = model or (pretrained_model_name(pretrained) if pretrained else "stnet")
     data = load_samples(samples)
     tr, va = default_split(data, seed)
     if label_fraction is not None or labels_per_class is not None:
         y = encode_labels(data, class_table(data, tr))
         tr = subsample_labels(y, tr, seed, label_fraction, labels_per_class)
     console = _console()
-    from cropmap.models.series import Augment
-
-    from .sites import Training
-
-    cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size,
+    cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size, patience=patience, lr=lr,
+                    loss=loss, class_weighting=class_weighting, freeze_encoder=freeze_encoder,
                     augment=Training().augment() if augment else Augment())
-    meta = train_model(data, tr, va, out, model_name=model, fit_config=cfg, pretrained=pretrained,
-                       extra_meta={"samples": str(samples)},
-                       on_epoch=lambda row: console.print(f"  epoch {row['epoch']:3d} loss {row['train_loss']:.4f}"
-                                                          + (f" val macro F1 {row['val_macro_f1']:.3f}" if "val_macro_f1" in row else "")))
-    console.print(f"model written to {out} ({len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
-                  f"best epoch {meta['fit']['best_epoch']})")
+    progress, on_batch, on_epoch = _epoch_progress(
+        console, epochs, len(tr),
+        lambda r: f"epoch {r['epoch']:3d} loss {r['train_loss']:.4f}" + (f"  val loss {r['val_loss']:.4f} macro F1 {r['val_macro_f1']:.3f}" if "val_macro_f1" in r else ""))
+    with progress:
+        meta = train_model(data, tr, va, out, model_name=name, fit_config=cfg, pretrained=pretrained, resume=not restart,
+                           extra_meta={"samples": str(samples)}, on_epoch=on_epoch, on_batch=on_batch)
+    resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
+    console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
+                  f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
+
+
+@app.command()
+def pretrain(
+    samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table (labels are not needed and are ignored)."),
+    out: Path = typer.Option(..., "--out", help="Encoder directory to write (for `cropmap train --pretrained`)."),
+    method: str = typer.Option("moco", "--method", help="Pre-training method: moco."),
+    model: str = typer.Option("stnet", "--model", help="Model whose encoder is pre-trained."),
+    epochs: int = typer.Option(100, "--epochs", min=1),
+    patience: int = typer.Option(10, "--patience", min=1, help="Stop after this many epochs without validation InfoNCE improvement."),
+    batch_size: int = typer.Option(512, "--batch-size", min=4),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    queue_size: int = typer.Option(65536, "--queue-size", min=1, help="Negative keys kept (capped to half the training series)."),
+    momentum: float = typer.Option(0.999, "--momentum", min=0.0, max=0.99999, help="Key encoder momentum."),
+    temperature: float = typer.Option(0.07, "--temperature", min=1e-4, help="InfoNCE temperature (0.07 MoCo v1 / SITS-MoCo, 0.2 MoCo v2)."),
+    view_length: int = typer.Option(70, "--view-length", min=4, help="Dates per augmented view (resampled)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Self-supervised pre-training of a model's encoder (MoCo with the SITS-MoCo augmentations)."""
+    _setup(_state["debug"])
+    from cropmap.models.moco import MoCoConfig
+
+    from .pretrain import METHODS, pretrain_encoder
+    from .samples import load_samples
+
+    if method not in METHODS:
+        raise CropmapError(f"unknown --method {method!r}", fix=f"use one of: {', '.join(METHODS)}")
+    _check_device(device)
+    _threads()
+    data = load_samples(samples, labelled=False)
+    cfg = MoCoConfig(epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, queue_size=queue_size, momentum=momentum,
+                     temperature=temperature, view_length=view_length, seed=seed, device=device)
+    console = _console()
+    progress, on_batch, on_epoch = _epoch_progress(
+        console, epochs, int(len(data) * (1 - cfg.val_fraction)),
+        lambda r: f"epoch {r['epoch']:3d} InfoNCE {r['train_infonce']:.4f}" + (f"  val {r['val_infonce']:.4f} top-1 {r['val_top1']:.3f}" if "val_infonce" in r else ""))
+    with progress:
+        meta = pretrain_encoder(data, out, method=method, model_name=model, config=cfg, on_epoch=on_epoch, on_batch=on_batch,
+                                extra_meta={"samples": str(samples)})
+    p = meta["pretrain"]
+    console.print(f"encoder written to {out} ({model}, {p['n_train']} series, queue {p['queue_size']}, best epoch {p['best_epoch']} of {p['epochs_run']})")
 
 
 @app.command()

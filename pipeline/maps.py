@@ -34,9 +34,10 @@ import shutil
 import struct
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import affine
 import numpy as np

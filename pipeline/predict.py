@@ -8,8 +8,8 @@ table, class names), a confidence COG (percent), and a PNG preview with a legend
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from affine import Affine

@@ -56,7 +56,7 @@ class PixelSamples:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.values[a:b], self.days[a:b]
 
-    def subset(self, idx: np.ndarray) -> "PixelSamples":
+    def subset(self, idx: np.ndarray) -> PixelSamples:
         """The samples at positions ``idx`` (copies the observations)."""
         idx = np.asarray(idx, dtype=np.int64)
         lengths = self.lengths[idx]
@@ -121,7 +121,7 @@ def load_store(path: Path, mmap: bool = True) -> PixelSamples:
 
 
 # ---------------------------------------------------------------- Parquet long table
-def read_long_table(path: Path) -> PixelSamples:
+def read_long_table(path: Path, labelled: bool = True) -> PixelSamples:
     """Read and validate a long table (one row per sample and date); see DESIGN.md."""
     path = Path(path)
     try:
@@ -130,10 +130,14 @@ def read_long_table(path: Path) -> PixelSamples:
         raise SamplesError(f"samples file {str(path)!r} does not exist", fix="check the --samples path") from None
     except Exception as exc:
         raise SamplesError(f"cannot read {str(path)!r} as Parquet ({type(exc).__name__})", fix="pass a Parquet long table or a sample store directory") from None
-    return long_table_to_samples(df, source=str(path))
+    return long_table_to_samples(df, source=str(path), labelled=labelled)
 
 
-def long_table_to_samples(df: pd.DataFrame, source: str = "table") -> PixelSamples:
+def long_table_to_samples(df: pd.DataFrame, source: str = "table", labelled: bool = True) -> PixelSamples:
+    """Validate a long table and convert it. ``labelled=False`` (self-supervised pre-training)
+    accepts a table without ``label`` or with empty labels (they become ``"unlabelled"``)."""
+    if not labelled:
+        df = df.assign(label=df["label"].astype(object).where(df["label"].notna(), "unlabelled")) if "label" in df.columns else df.assign(label="unlabelled")
     missing = [c for c in ("sample_id", "label") if c not in df.columns]
     if "date" not in df.columns and "doy" not in df.columns:
         missing.append("date (or doy)")
@@ -221,11 +225,11 @@ def write_long_table(samples: PixelSamples, path: Path) -> Path:
     return Path(path)
 
 
-def load_samples(path: Path) -> PixelSamples:
-    """Load ``--samples PATH``: a store directory or a Parquet long table."""
+def load_samples(path: Path, labelled: bool = True) -> PixelSamples:
+    """Load ``--samples PATH``: a store directory or a Parquet long table (``labelled=False``: labels optional)."""
     path = Path(path)
     if path.is_dir():
         return load_store(path)
     if not path.exists():
         raise SamplesError(f"samples path {str(path)!r} does not exist", fix="check the --samples path")
-    return read_long_table(path)
+    return read_long_table(path, labelled=labelled)

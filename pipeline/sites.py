@@ -46,7 +46,7 @@ class Legend(_Strict):
     classes: list[LegendClass] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique(self) -> "Legend":
+    def _unique(self) -> Legend:
         codes = [c.code for c in self.classes]
         if len(set(codes)) != len(codes):
             raise ValueError(f"class codes must be unique, got {codes}")
@@ -172,7 +172,7 @@ class Site(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "Site":
+    def _check(self) -> Site:
         xmin, ymin, xmax, ymax = self.extent
         if not (xmin < xmax and ymin < ymax):
             raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")

@@ -32,7 +32,7 @@ class ParcelSplit:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ParcelSplit":
+    def from_dict(cls, d: dict) -> ParcelSplit:
         return cls(d["seed"], {int(k): v for k, v in d["parcels"].items()}, d["train_only_classes"], d["parcels_per_class"])
 
 

@@ -8,25 +8,25 @@ names, kept as given and named from the samples' class names where known.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 import cropmap
-from cropmap.models.checkpoint import load_model, save_model
+from cropmap.models.checkpoint import load_model, load_weights, save_model
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
 from cropmap.models.training import FitConfig, FitResult, fit, resolve_device
+from cropmap.models.training_log import TrainingLog, write_history
 
 from .errors import ModelError, SamplesError
-from .fsio import atomic_path
+from .fsio import atomic_path, ensure_writable_dir
 from .samples import PixelSamples
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,27 @@ def default_split(samples: PixelSamples, seed: int, val_fraction: float = 0.15) 
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
+ARCHITECTURE_EXCLUDE = ("n_bands", "n_classes", "band_names", "mean", "std")
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    """Where a training in progress keeps its live logs and resumable checkpoint (removed on success)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.training")
+
+
 def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray, out_dir: Path, *,
                 model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
-                model_options: dict | None = None,
-                extra_meta: dict | None = None, extra_files: dict[str, object] | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta."""
+                model_options: dict | None = None, extra_meta: dict | None = None, extra_files: dict[str, object] | None = None,
+                on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
+                resume: bool = True) -> dict:
+    """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta.
+
+    While training, ``OUT.training/`` holds ``history.csv``, TensorBoard logs and a checkpoint of
+    the last epoch; an interrupted training with the same data and configuration resumes from it
+    (``resume=False`` starts again). ``pretrained`` (a model or ``cropmap pretrain`` encoder
+    directory) fixes the architecture and normalisation and initialises every non-decoder weight.
+    """
     cfg = fit_config or FitConfig()
     if model_name not in model_names():
         raise ModelError(f"unknown model {model_name!r}", fix=f"choose one of: {', '.join(model_names())}")
@@ -114,21 +130,45 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     y = encode_labels(samples, classes)
     val_idx = val_idx[y[val_idx] >= 0]
     series = as_series(samples)
-    mean, std = band_statistics(series, train_idx)
+    options = dict(model_options or {})
+    init = None
+    if pretrained is not None:
+        init, pmeta = _read_pretrained(Path(pretrained), model_name, samples.bands)
+        mean = np.asarray(pmeta["normalisation"]["mean"], np.float32)
+        std = np.asarray(pmeta["normalisation"]["std"], np.float32)
+        options = {**{k: v for k, v in pmeta["model_config"].items() if k not in ARCHITECTURE_EXCLUDE}, **options}
+    else:
+        mean, std = band_statistics(series, train_idx)
     torch.manual_seed(cfg.seed)
     try:
         model, model_config = build_model(model_name, bands=samples.bands, n_classes=len(classes), mean=mean.tolist(),
-                                          std=std.tolist(), **(model_options or {}))
+                                          std=std.tolist(), **options)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"invalid options {model_options} for model {model_name!r}: {exc}", fix="fix training.model_options") from None
-    if pretrained is not None:
-        _load_pretrained(model, Path(pretrained), samples.bands)
+        raise ModelError(f"invalid options {options} for model {model_name!r}: {exc}", fix="fix training.model_options") from None
+    if init is not None:
+        _initialise(model, init, Path(pretrained))
+    if cfg.freeze_encoder and not hasattr(model, "decoder"):
+        raise ModelError(f"model {model_name!r} has no separate decoder", fix="drop --freeze-encoder")
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
-    result: FitResult = fit(
-        model, sub(train_idx), y[train_idx], mean, std, cfg,
-        val=sub(val_idx) if len(val_idx) else None, y_val=y[val_idx] if len(val_idx) else None,
-        n_classes=len(classes), on_epoch=on_epoch,
-    )
+    work = work_dir_for(out_dir)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    ensure_writable_dir(work)
+    tlog = TrainingLog(work)
+
+    def log_epoch(row: dict) -> None:
+        tlog(row)
+        if on_epoch:
+            on_epoch(row)
+
+    try:
+        result: FitResult = fit(
+            model, sub(train_idx), y[train_idx], mean, std, cfg,
+            val=sub(val_idx) if len(val_idx) else None, y_val=y[val_idx] if len(val_idx) else None,
+            n_classes=len(classes), on_epoch=log_epoch, on_batch=on_batch, checkpoint=work / "checkpoint.pt",
+        )
+    finally:
+        tlog.close()
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -138,7 +178,8 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         "max_len": cfg.max_len,
         "time_axis": "days since 1 January of the season year",
         "fit": {**asdict(cfg), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 2),
-                "epochs_run": len(result.history), "pretrained": str(pretrained) if pretrained else None},
+                "epochs_run": len(result.history), "resumed_from_epoch": result.resumed_from or None,
+                "pretrained": str(pretrained) if pretrained else None},
         "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
         "cropmap_version": cropmap.__version__,
@@ -147,31 +188,60 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     }
     with atomic_path(Path(out_dir), is_dir=True) as tmp:
         save_model(tmp, model, meta)
-        _write_history(tmp / "history.csv", result.history)
+        write_history(tmp / "history.csv", result.history)
+        if (work / "tensorboard").is_dir():
+            shutil.copytree(work / "tensorboard", tmp / "tensorboard")
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return meta
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(history)
-    path.write_text(buf.getvalue())
+def pretrained_model_name(directory: Path) -> str:
+    """The model name recorded in a ``--pretrained`` directory."""
+    path = Path(directory) / "config.json"
+    try:
+        return str(json.loads(path.read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{str(directory)!r} is not a model or encoder directory (no readable config.json with a model name)",
+                         fix="pass the --out directory of `cropmap train` or `cropmap pretrain`") from None
 
 
-def _load_pretrained(model: torch.nn.Module, directory: Path, bands: list[str]) -> None:
-    """Initialise from another model directory: every tensor whose name and shape match."""
-    src, meta = load_model_dir(directory, "cpu")
-    if meta["bands"] != bands:
-        raise ModelError(f"pretrained model {str(directory)!r} was trained on bands {meta['bands']}, the samples have {bands}", fix="use samples with the same bands")
+def _read_pretrained(directory: Path, model_name: str, bands: list[str]) -> tuple[dict, dict]:
+    """Weights and meta of a ``--pretrained`` directory, checked against the model and bands."""
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{str(directory)!r} is not a model or encoder directory (no config.json)",
+                         fix="pass the --out directory of `cropmap train` or `cropmap pretrain`")
+    try:
+        state, meta = load_weights(directory)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"pretrained directory {str(directory)!r} is damaged or incompatible: {str(exc).splitlines()[0]}",
+                         fix="pass the --out directory of `cropmap train` or `cropmap pretrain`") from None
+    if meta["model"] != model_name:
+        raise ModelError(f"pretrained directory {str(directory)!r} holds a {meta['model']!r} model, not {model_name!r}",
+                         fix=f"use --model {meta['model']} (or omit --model)")
+    if list(meta["bands"]) != list(bands):
+        raise ModelError(f"pretrained model {str(directory)!r} was trained on bands {meta['bands']}, the samples have {bands}",
+                         fix="use samples with the same bands in the same order")
+    return state, meta
+
+
+def _initialise(model: torch.nn.Module, state: dict, directory: Path) -> None:
+    """Load every encoder tensor of ``state`` into ``model`` (all must fit); the decoder too when its shapes match."""
     own = model.state_dict()
-    loaded = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape and not k.startswith("band_")}
-    own.update(loaded)
+    encoder = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    misfit = sorted(k for k, v in encoder.items() if k not in own or own[k].shape != v.shape)
+    missing = sorted(k for k in own if not k.startswith("decoder.") and k not in encoder)
+    if misfit or missing:
+        raise ModelError(f"pretrained weights of {str(directory)!r} do not fit the model ({len(misfit)} mismatched, "
+                         f"{len(missing)} missing tensors, e.g. {(misfit + missing)[0]})", fix="use the same model options as the pre-training")
+    decoder = {k: v for k, v in state.items() if k.startswith("decoder.") and k in own and own[k].shape == v.shape}
+    if len(decoder) != sum(k.startswith("decoder.") for k in own):
+        decoder = {}  # another class set: a fresh decoder
+    own.update(encoder)
+    own.update(decoder)
     model.load_state_dict(own)
-    log.info("initialised %d/%d tensors from %s", len(loaded), len(own), directory)
+    log.info("initialised %d encoder and %d decoder tensors from %s", len(encoder), len(decoder), directory)
 
 
 def load_model_dir(directory: Path, device: str | None = None):

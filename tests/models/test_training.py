@@ -148,3 +148,73 @@ def test_augmentations_touch_only_observed_values_and_drop_seen_band_patterns():
     assert not torch.allclose(aug["x"][..., 1:], plain["x"][..., 1:])
     shift = (aug["days"] - plain["days"])[plain["mask"]]
     assert shift.abs().max() <= 10 and shift.abs().max() > 0
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_down_weights_easy_samples():
+    from cropmap.models.training import FocalLoss
+
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0], [0.0, 1.0]])
+    target = torch.tensor([0, 0, 0])
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    assert torch.allclose(FocalLoss(0.0)(logits, target), ce.mean())
+    per = torch.stack([FocalLoss(2.0)(logits[i:i + 1], target[i:i + 1]) for i in range(3)])
+    assert (per < ce).all() and per[0] / ce[0] < per[2] / ce[2]  # the easy sample loses most
+    w = torch.tensor([1.0, 3.0])
+    assert torch.allclose(FocalLoss(0.0, w)(logits, torch.tensor([0, 1, 1])),
+                          torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1]), weight=w))
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
+    s, y = synthetic(64)
+    cfg = FitConfig(epochs=5, batch_size=16, max_len=24, seed=1)
+
+    def run(checkpoint=None, crash_at=None):
+        torch.manual_seed(0)
+        model, _, mean, std = stnet(s)
+
+        def on_epoch(row):
+            if row["epoch"] == crash_at:
+                raise KeyboardInterrupt
+
+        try:
+            result = fit(model, s, y, mean, std, cfg, val=s, y_val=y, on_epoch=on_epoch, checkpoint=checkpoint)
+        except KeyboardInterrupt:
+            return None, None
+        return model, result
+
+    reference, ref_result = run()
+    ckpt = tmp_path / "checkpoint.pt"
+    assert run(ckpt, crash_at=3) == (None, None) and ckpt.is_file()
+    resumed, result = run(ckpt)
+    assert result.resumed_from == 4 and len(result.history) == 5
+    assert [r["train_loss"] for r in result.history] == pytest.approx([r["train_loss"] for r in ref_result.history])
+    for k, v in reference.state_dict().items():
+        assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-6), k
+    # another configuration never resumes from it
+    other = FitConfig(epochs=5, batch_size=16, max_len=24, seed=2)
+    torch.manual_seed(0)
+    model, _, mean, std = stnet(s)
+    assert fit(model, s, y, mean, std, other, checkpoint=ckpt).resumed_from == 0
+
+
+def test_frozen_encoder_trains_only_the_decoder():
+    s, y = synthetic(64)
+    model, _, mean, std = stnet(s)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, s, y, mean, std, FitConfig(epochs=2, batch_size=16, max_len=24, freeze_encoder=True))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))  # incl. BatchNorm statistics
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_training_log_writes_csv_and_tensorboard(tmp_path):
+    from cropmap.models.training_log import TrainingLog
+
+    log = TrainingLog(tmp_path)
+    log({"epoch": 1, "train_loss": 1.0})
+    log({"epoch": 2, "train_loss": 0.5, "val_loss": 0.7})
+    log.close()
+    lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,val_loss" and len(lines) == 3
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

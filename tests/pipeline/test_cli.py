@@ -254,4 +254,4 @@ def test_label_budgets_and_pretrained_initialisation(long_tables, tmp_path):
 
 def test_pretrained_must_be_a_model_directory(long_tables, tmp_path):
     assert_one_line_error(cropmap("train", "--samples", long_tables / "train.parquet", "--out", tmp_path / "m",
-                                  "--pretrained", tmp_path), "not a model directory")
+                                  "--pretrained", tmp_path), "is not a model or encoder directory")
