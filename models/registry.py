@@ -2,17 +2,38 @@
 
 Every model takes the batch convention of :mod:`cropmap.models.series` (``x``, ``present``,
 ``days``, ``mask``) and returns class logits, so training, prediction and checkpoints are
-model-agnostic. The random-forest baseline (:mod:`cropmap.models.forest`) is not a network
-and is not registered here.
+model-agnostic. Registered names:
+
+* ``stnet`` - STNet, the SITS-MoCo encoder with cloud-aware pooling (:mod:`.stnet`);
+* ``transformer`` - transformer encoder with masked mean pooling (:mod:`.transformer`);
+* ``ltae`` - Lightweight Temporal Attention Encoder (:mod:`.ltae`);
+* ``tempcnn`` - TempCNN, temporal convolutions (:mod:`.tempcnn`);
+* ``lstm`` - stacked LSTM (:mod:`.lstm`);
+* ``inceptiontime`` - InceptionTime (:mod:`.inceptiontime`).
+
+A builder takes ``bands``, ``n_classes``, ``mean``, ``std`` and the model's hyper-parameters
+as keyword options (an unknown option raises TypeError or ValueError) and returns the module
+and its config as plain types; :func:`model_from_config` rebuilds the module from that
+config. Every model has ``encode(x, present, days, mask) -> (B, D)`` and a ``decoder``
+submodule mapping that embedding to logits (``D`` is ``embed_dim``, or ``config.d_model``
+for STNet). The random-forest baseline (:mod:`cropmap.models.forest`) is not a network and
+is not registered here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
+from .base import PixelClassifier
+from .inceptiontime import InceptionTime
+from .lstm import LSTMClassifier
+from .ltae import LTAE
 from .stnet import STNet, STNetConfig
+from .tempcnn import TempCNN
+from .transformer import PixelTransformer
 
 
 def _stnet(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **kw: Any) -> tuple[nn.Module, dict]:
@@ -24,8 +45,23 @@ def _stnet_from(cfg: dict) -> nn.Module:
     return STNet.from_config(cfg)
 
 
+def _zoo(cls: type[PixelClassifier]) -> tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]:
+    """Builder and rebuilder of a :class:`~.transformer.PixelClassifier` subclass."""
+
+    def build(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **kw: Any) -> tuple[nn.Module, dict]:
+        model = cls(len(bands), n_classes, band_names=list(bands), mean=list(mean), std=list(std), **kw)
+        return model, model.config.to_dict()
+
+    return build, cls.from_config
+
+
 _BUILDERS: dict[str, tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]] = {
     "stnet": (_stnet, _stnet_from),
+    "transformer": _zoo(PixelTransformer),
+    "ltae": _zoo(LTAE),
+    "tempcnn": _zoo(TempCNN),
+    "lstm": _zoo(LSTMClassifier),
+    "inceptiontime": _zoo(InceptionTime),
 }
 
 
