@@ -107,7 +107,7 @@ def run(
         manifest = _run_stages(runner, stages, lambda done: {
             "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
             "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
-            "samples": done["tensors"]["samples"],
+            "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
         })
     metrics = json.loads((run_dir / manifest["outputs"]["metrics"]).read_text())
     b, cmp = metrics["baseline"], metrics["comparison"]

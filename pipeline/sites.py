@@ -112,6 +112,32 @@ class Tensors(_Strict):
     """Average Sentinel-1 acquisitions over windows of this many days, in linear power (0 = raw)."""
 
 
+class Pretrain(_Strict):
+    """Self-supervised pre-training of the model's encoder on the site's own (unlabelled) pixels."""
+
+    method: Literal["none", "moco"] = "none"
+    pixels: int = Field(default=20000, ge=16)
+    """Pixels drawn at random (seeded) from every tile of the run, labelled or not; labels are never used."""
+    epochs: int = Field(default=100, ge=1)
+    patience: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=512, ge=4)
+    lr: float = Field(default=1e-3, gt=0)
+    queue_size: int = Field(default=65536, ge=1)
+    momentum: float = Field(default=0.999, ge=0, lt=1)
+    temperature: float = Field(default=0.07, gt=0)
+    """0.07 as SITS-MoCo (MoCo v1); 0.2 is MoCo v2's."""
+    view_length: int = Field(default=70, ge=4)
+    freeze_encoder: bool = False
+    """Fine-tune only the classifier head on the pre-trained encoder (else the whole model)."""
+
+    def moco_config(self, device: str | None = None, seed: int = 0):
+        from cropmap.models.moco import MoCoConfig
+
+        return MoCoConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
+                          queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
+                          view_length=self.view_length, seed=seed, device=device or "auto")
+
+
 class Training(_Strict):
     model: str = "stnet"
     model_options: dict[str, Any] = Field(default_factory=dict)
@@ -139,6 +165,11 @@ class Training(_Strict):
     val_fraction: float = Field(default=0.15, ge=0, lt=1)
     min_parcel_pixels: int = Field(default=3, ge=1)
     """Parcels smaller than this (tile-edge slivers) are not sampled."""
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(default=1.0, ge=0)
+    patience: int = Field(default=10, ge=1)
+    """Early stopping: epochs without validation improvement (needs val_fraction > 0)."""
+    pretrain: Pretrain = Field(default_factory=Pretrain)
 
     def augment(self):
         """The training augmentations as :class:`cropmap.models.series.Augment`."""

@@ -121,6 +121,25 @@ def labelled_samples(cube: xr.Dataset, classes: np.ndarray, parcels: np.ndarray,
     return from_ragged(cube_bands(cube), values, days, lengths, table, class_names)
 
 
+def unlabelled_samples(cube: xr.Dataset, n: int, rng: np.random.Generator, s1_window: int = 0) -> PixelSamples:
+    """``n`` pixels drawn at random from a tile (labelled or not), for self-supervised pre-training."""
+    h, w = int(cube.sizes["y"]), int(cube.sizes["x"])
+    sel = np.zeros(h * w, bool)
+    sel[rng.choice(h * w, size=min(n, h * w), replace=False)] = True
+    sel = sel.reshape(h, w)
+    values, days, lengths = cube_series(cube, pixel_mask=sel, s1_window=s1_window)
+    rr, cc = np.nonzero(sel)
+    tile = str(cube.attrs["tile"])
+    table = pd.DataFrame({"sample_id": [f"{tile}:{r}:{c}" for r, c in zip(rr, cc)], "label": "unlabelled", "tile": tile,
+                          "x": cube["x"].values[cc], "y": cube["y"].values[rr], "epsg": int(cube.attrs["epsg"]),
+                          "season_year": int(cube.attrs["year"])})
+    keep = lengths > 0
+    if not keep.all():
+        rows = np.repeat(keep, lengths)
+        values, days, lengths, table = values[rows], days[rows], lengths[keep], table[keep]
+    return from_ragged(cube_bands(cube), values, days, lengths, table)
+
+
 def concat_samples(parts: list[PixelSamples]) -> PixelSamples:
     if not parts:
         raise ValueError("no samples to concatenate")

@@ -1,12 +1,14 @@
 """The pixel-level workflow of ``cropmap run``: which stages, in which order, on which files.
 
-ingest -> labels -> tensors -> train -> predict -> evaluate -> report, each a function of a
+ingest -> labels -> tensors -> [pretrain] -> train -> predict -> evaluate -> report, each a function of a
 :class:`~cropmap.pipeline.runner.StageContext` writing under the run directory
 ``OUT/SITE/YEAR/``:
 
     cube/<tile>.zarr          ingest: raw S2/S1 acquisitions on the 10 m grid, cloud mask
     labels/                   labels: class + parcel rasters per tile, parcels.parquet
     samples/pixels/           tensors: labelled pixel series (sample store)
+    samples/unlabelled/       pretrain (training.pretrain.method set): random pixels of every tile
+    pretrain/encoder/         pretrain: the self-supervised (MoCo) encoder the train stage starts from
     models/seed-<s>/          train: one model per parcel-disjoint split seed (seed 0 maps)
     baselines/                train: random-forest predictions on the same splits
     map/crops.tif ...         predict: class COG, confidence COG, preview PNG
@@ -38,11 +40,12 @@ from .ingest.local import find_tile_files, read_label_raster, read_tile
 from .labels import tile_labels
 from .maps import write_preview
 from .predict import predict_site
+from .pretrain import pretrain_encoder
 from .runner import Stage, StageContext
 from .samples import load_store, save_store
 from .sites import Legend, Site, load_legend
 from .splits import ParcelSplit, parcel_split
-from .tensors import concat_samples, labelled_samples
+from .tensors import concat_samples, labelled_samples, unlabelled_samples
 from .train import as_series, class_table, encode_labels, train_model
 
 log = logging.getLogger(__name__)
@@ -170,8 +173,30 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             train.append(rng.choice(idx, size=min(tr.max_pixels_per_parcel, len(idx)), replace=False))
         return {"train": np.sort(np.concatenate(train)), "val": np.nonzero(side == "val")[0], "test": np.nonzero(side == "test")[0]}
 
+    pre = tr.pretrain
+    pretraining = pre.method != "none"
+
+    def pretrain(ctx: StageContext) -> dict[str, str]:
+        cube_dir = ctx.upstream["ingest"]["cube"]
+        rng = np.random.default_rng(0)
+        per_tile = -(-pre.pixels // len(tiles))
+        parts = [unlabelled_samples(open_cube(cube_dir / f"{tid}.zarr"), per_tile, rng, site.tensors.s1_window_days) for tid, _ in tiles]
+        samples = concat_samples(parts)
+        save_store(samples, ctx.path("samples/unlabelled"))
+        tick = ctx.progress("pretrain", pre.epochs) if ctx.progress else None
+        meta = pretrain_encoder(samples, ctx.path("pretrain/encoder"), method=pre.method, model_name=tr.model,
+                                model_options=tr.model_options, config=pre.moco_config(device),
+                                on_epoch=(lambda row: tick(1)) if tick else None)
+        p = meta["pretrain"]
+        if tick:
+            tick(pre.epochs - p["epochs_run"])
+        ctx.report.update(n_series=len(samples), method=pre.method, best_epoch=p["best_epoch"], epochs_run=p["epochs_run"],
+                          queue_size=p["queue_size"], best_val_infonce=p["best_val_infonce"], seconds=p["seconds"])
+        return {"encoder": "pretrain/encoder", "unlabelled": "samples/unlabelled"}
+
     def train(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
+        encoder = ctx.upstream["pretrain"]["encoder"] if pretraining else None
         parcels = parcels_of(samples)
         models_dir, base_dir = ctx.path("models"), ctx.path("baselines")
         tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
@@ -180,10 +205,12 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
             idx = split_indices(samples, split, seed)
             cfg = FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
-                            device=device or "auto", class_weighting=tr.class_weighting,
+                            device=device or "auto", class_weighting=tr.class_weighting, loss=tr.loss,
+                            focal_gamma=tr.focal_gamma, patience=tr.patience, freeze_encoder=pretraining and pre.freeze_encoder,
                             augment=tr.augment())
             meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
-                               model_options=tr.model_options, fit_config=cfg, extra_files={"split.json": split.to_dict()},
+                               model_options=tr.model_options, fit_config=cfg, pretrained=encoder,
+                               extra_files={"split.json": split.to_dict()},
                                extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
                                on_epoch=(lambda row: tick(1)) if tick else None)
             if tick:
@@ -256,7 +283,10 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc,
                                                              "label_variable": site.local.label_variable}),
         Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
-        Stage("train", train, after=["tensors"], config={"training": tr.model_dump()}),
+        *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
+                                                                 "model_options": tr.model_options, **site.tensors.model_dump()})]
+          if pretraining else []),
+        Stage("train", train, after=["tensors", *(["pretrain"] if pretraining else [])], config={"training": tr.model_dump()}),
         Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
                                                                       "crs": site.crs, "legend": legend_doc}),
         Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
@@ -310,6 +340,7 @@ def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
             val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
                  if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)")),
         "model": tr.model,
+        "pretraining": tr.pretrain.method,
         **model,
         "n_runs": len(runs),
         "evaluated_classes": sorted({c for r in runs for c in r["evaluated_classes"]}),

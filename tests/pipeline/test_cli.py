@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from conftest import demo_doc, write_site
 
 from cropmap.pipeline.maps import validate_cog
-from conftest import demo_doc, write_site
 
 STAGES = ["ingest", "labels", "tensors", "train", "predict", "evaluate", "report"]
 

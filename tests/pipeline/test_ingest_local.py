@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import DEMO_DATA, TILE_FULL, TILE_NO10M
 
 from cropmap.pipeline.cube import open_cube, s2_reflectance, write_cube
 from cropmap.pipeline.errors import DataError
 from cropmap.pipeline.ingest.local import read_label_raster, read_tile
 from cropmap.pipeline.sites import load_site
-from conftest import DEMO_DATA, TILE_FULL, TILE_NO10M
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import numpy as np
 
-from cropmap.pipeline.labels import PARCEL_STRIDE, map_codes, recover_parcels, tile_labels
 from cropmap.pipeline.ingest.local import read_label_raster
+from cropmap.pipeline.labels import PARCEL_STRIDE, map_codes, recover_parcels, tile_labels
 from cropmap.pipeline.sites import load_legend, load_site
 
 

@@ -110,3 +110,25 @@ def test_label_budget_is_stratified_and_seeded():
     assert set(y[a]) == set(y)  # every class keeps at least one label
     assert list(a) == list(subsample_labels(y, idx, seed=0, fraction=0.2))
     assert list(a) != list(subsample_labels(y, idx, seed=1, fraction=0.2))
+
+
+def test_run_pretrains_on_the_site_pixels_then_fine_tunes(tmp_path, monkeypatch):
+    """`training.pretrain.method: moco` adds a pretrain stage whose encoder the train stage starts from."""
+    from conftest import demo_doc, write_site
+
+    sites = tmp_path / "sites"
+    doc = demo_doc("demo-moco", model="ltae", model_options={}, split_seeds=[0],
+                   pretrain={"method": "moco", "pixels": 300, "epochs": 2, "batch_size": 32, "queue_size": 64, "view_length": 24})
+    write_site(sites, doc)
+    monkeypatch.setenv("CROPMAP_SITES_DIR", str(sites))
+    proc = subprocess.run([sys.executable, "-m", "cropmap.pipeline.cli", "run", "--site", "demo-moco", "--out", tmp_path / "runs"],
+                          capture_output=True, text=True, env=os.environ, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "demo-moco" / "2019"
+    m = json.loads((run_dir / "run.json").read_text())
+    assert list(m["stages"])[:5] == ["ingest", "labels", "tensors", "pretrain", "train"]
+    assert m["stages"]["pretrain"]["report"]["n_series"] >= 290  # 300 drawn, minus pixels never observed
+    assert (run_dir / m["outputs"]["encoder"] / "encoder.safetensors").is_file()
+    meta = json.loads((run_dir / "models" / "seed-0" / "config.json").read_text())
+    assert meta["model"] == "ltae" and meta["fit"]["pretrained"].endswith("pretrain/encoder")
+    assert json.loads((run_dir / "metrics.json").read_text())["pretraining"] == "moco"

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 
 from cropmap.pipeline.errors import SamplesError
-from cropmap.pipeline.samples import (load_samples, load_store, long_table_to_samples, read_long_table, save_store,
-                                      to_long_table, write_long_table)
+from cropmap.pipeline.samples import load_samples, load_store, long_table_to_samples, read_long_table, save_store, to_long_table, write_long_table
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "rpg2023_dekad_long_60.parquet"  # real, MIT (tests/data/README.md)
 

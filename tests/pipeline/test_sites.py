@@ -1,9 +1,9 @@
 import pytest
 import yaml
+from conftest import demo_doc, write_site
 
 from cropmap.pipeline.errors import SiteError
 from cropmap.pipeline.sites import list_site_names, load_legend, load_site
-from conftest import demo_doc, write_site
 
 
 def test_demo_site_loads_with_its_legend():
