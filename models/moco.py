@@ -18,7 +18,8 @@ class so a recipe is a list:
    is shorter), as the original resamples to 70 steps.
 
 Fixes of the original's bugs: the validation loss neither enqueues keys nor updates the key
-encoder, and it is computed on views drawn from a fixed seed, so epochs are comparable.
+encoder, and it is computed on views drawn from a fixed seed with the other validation series as
+negatives (not the ever-changing queue), so epochs are comparable and early stopping is meaningful.
 The queue is capped to half the number of training series (rounded to whole batches): a queue
 longer than the data holds stale copies of the query's own pixel as negatives.
 """
@@ -203,6 +204,9 @@ class MoCo(nn.Module):
 
 # --- pre-training loop ------------------------------------------------------------------------
 
+MAX_VAL_SERIES = 4096
+"""Validation series at most (each is a negative of every other: the cost grows with its square)."""
+
 @dataclass
 class MoCoConfig:
     """Defaults are SITS-MoCo's (SEEDS.md); ``temperature`` 0.2 gives MoCo v2's."""
@@ -258,7 +262,7 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     n = len(series)
     nonempty = np.nonzero(series.lengths > 0)[0]
     perm = rng.permutation(nonempty)
-    n_val = int(round(len(perm) * cfg.val_fraction)) if len(perm) >= 20 else 0
+    n_val = min(int(round(len(perm) * cfg.val_fraction)), MAX_VAL_SERIES) if len(perm) >= 20 else 0
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if len(train_idx) < 4:
         raise ValueError(f"MoCo needs at least 4 series with observations, got {len(train_idx)} of {n}")
@@ -320,18 +324,26 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
 
 @torch.no_grad()
 def _validate(moco: MoCo, pairs, device: str, amp: bool) -> dict:
-    """Validation InfoNCE and top-1 positive accuracy; no enqueue, no momentum update."""
+    """Validation InfoNCE and top-1 retrieval accuracy; no enqueue, no momentum update.
+
+    The negatives of each validation query are the keys of the *other validation series*, not the
+    queue: the queue changes every step, so a loss against it is not comparable between epochs
+    (an untrained encoder scores deceptively well against a queue of stale keys).
+    """
     moco.eval()
-    total, correct, seen = 0.0, 0, 0
+    qs, ks = [], []
     for vq, vk in pairs:
         with autocast(device, amp):
-            q, k = moco.query(vq), moco.key(vk)
-        logits = moco.logits(q, k)
-        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+            qs.append(moco.query(vq))
+            ks.append(moco.key(vk))
+    q, k = torch.cat(qs), torch.cat(ks)
+    total, correct = 0.0, 0
+    for start in range(0, len(q), 1024):
+        logits = q[start:start + 1024] @ k.T / moco.temperature
+        target = torch.arange(start, start + len(logits), device=q.device)
         total += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(1) == 0).sum())
-        seen += len(q)
-    return {"val_infonce": total / max(seen, 1), "val_top1": correct / max(seen, 1)}
+        correct += int((logits.argmax(1) == target).sum())
+    return {"val_infonce": total / max(len(q), 1), "val_top1": correct / max(len(q), 1)}
 
 
 def config_dict(cfg: MoCoConfig) -> dict:

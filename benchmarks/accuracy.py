@@ -1,0 +1,296 @@
+"""Accuracy of every pixel model, with and without MoCo pre-training, at several label budgets.
+
+Usage:
+    python benchmarks/accuracy.py --dataset demo    [--models ...] [--budgets 0.01 0.05 0.2 1] [--seeds 0 1 2]
+    python benchmarks/accuracy.py --dataset rpg2023 [...]
+    python benchmarks/accuracy.py --summarize results.jsonl [more.jsonl ...]
+
+Datasets (real data, see ../shared/data/README.md):
+- ``demo``: the demo site's labelled pixels (built by the ingest/labels/tensors stages into a
+  cache). Split per seed by *parcel* (about 30 % of each class's parcels held out, as
+  ``cropmap run``), at most 100 training pixels per parcel; metrics on the pixels of held-out
+  parcels. Pre-training: random pixels of every tile of the site.
+- ``rpg2023``: the French parcel registry 2023 point table (dekad S2 + S1, 500 parcels), labels
+  grouped by WorldCereal's CROPTYPE_INSEASON_FRANCE mapping, classes with >= 10 parcels kept
+  (10 classes, 396 parcels). Split per seed: 30 % of each class held out. Pre-training: all
+  396 series.
+
+Protocol: for each seed, a label budget keeps that fraction of each class's training samples
+(stratified, seeded, at least one per class). Deep models train for ``--epochs`` epochs and at
+least ``--min-steps`` optimizer steps (tiny budgets would otherwise see a handful of steps), with
+the site's augmentations, no validation split (fixed schedule), and are evaluated
+deterministically. The random forest (500 trees, depth 25, 30-day median features) trains on the
+same samples. "moco" rows fine-tune the whole model from a MoCo encoder pre-trained once per
+model and dataset (seed 0) on unlabelled series of the dataset. Pre-training sees the test
+series' *values* but never a label (the setting of mapping a site: all its pixels are
+unlabelled input).
+
+Results are appended as JSON lines to ``--out`` (reruns skip what is there) and summarised as a
+table: mean ± sample standard deviation over seeds, and the paired gain of pre-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cropmap.models.forest import binned_features, make_forest
+from cropmap.models.metrics import classification_metrics
+from cropmap.models.moco import MoCoConfig
+from cropmap.models.training import FitConfig, predict_proba
+from cropmap.pipeline.pretrain import pretrain_encoder
+from cropmap.pipeline.samples import PixelSamples, load_store, read_long_table
+from cropmap.pipeline.sites import Training
+from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MODELS = ["stnet", "transformer", "ltae", "tempcnn", "lstm", "inceptiontime"]
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+def demo_dataset(cache: Path) -> tuple[PixelSamples, PixelSamples, dict]:
+    """(labelled pixels, unlabelled pixels, site recipe) of the demo site, built once into ``cache``."""
+    from cropmap.pipeline.runner import Runner
+    from cropmap.pipeline.sites import load_site
+    from cropmap.pipeline.tensors import concat_samples, unlabelled_samples
+    from cropmap.pipeline.workflow import build_stages
+    from cropmap.pipeline.cube import open_cube
+
+    site = load_site("demo")
+    year = site.resolve_year(None)
+    run_dir = cache / "demo" / str(year)
+    stages, _ = build_stages(site, year)
+    wanted = [s for s in stages if s.name in ("ingest", "labels", "tensors")]
+    Runner(run_dir, {"site": site.name, "year": year}).run(wanted, lambda done: {})
+    labelled = load_store(run_dir / "samples" / "pixels", mmap=False)
+    unl = cache / "demo-unlabelled"
+    if not (unl / "table.parquet").exists() and not unl.is_dir():
+        rng = np.random.default_rng(0)
+        cubes = sorted((run_dir / "cube").glob("*.zarr"))
+        parts = [unlabelled_samples(open_cube(c), 10**9, rng, site.tensors.s1_window_days) for c in cubes]
+        from cropmap.pipeline.samples import save_store
+
+        save_store(concat_samples(parts), unl)
+    recipe = {"model_options": {"stnet": dict(site.training.model_options)}, "max_len": site.training.max_len,
+              "augment": site.training, "batch_size": site.training.batch_size, "group": "parcel_id",
+              "max_per_group": site.training.max_pixels_per_parcel}
+    return labelled, load_store(unl, mmap=False), recipe
+
+
+def rpg2023_dataset(path: Path, mapping: Path, min_count: int = 10) -> tuple[PixelSamples, PixelSamples, dict]:
+    groups = json.loads(mapping.read_text())["CROPTYPE_INSEASON_FRANCE"]
+    df = pd.read_parquet(path)
+    df["label"] = df["label"].astype(str).map(groups)
+    df = df[df["label"].notna()]
+    counts = df.groupby("sample_id")["label"].first().value_counts()
+    df = df[df["label"].isin(counts[counts >= min_count].index)]
+    samples = read_long_table_frame(df)
+    recipe = {"model_options": {}, "max_len": 48, "augment": Training(), "batch_size": 64, "group": None, "max_per_group": None}
+    return samples, samples, recipe
+
+
+def read_long_table_frame(df: pd.DataFrame) -> PixelSamples:
+    with tempfile.TemporaryDirectory() as d:
+        df.to_parquet(Path(d) / "t.parquet")
+        return read_long_table(Path(d) / "t.parquet")
+
+
+# --- splits ---------------------------------------------------------------------------------
+
+def split(samples: PixelSamples, seed: int, recipe: dict, test_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(train pool, test) indices: by group (parcel) when the dataset has groups, else by sample; stratified per class."""
+    t = samples.table
+    rng = np.random.default_rng(seed)
+    key = t[recipe["group"]].to_numpy() if recipe["group"] else np.arange(len(t))
+    units = pd.DataFrame({"unit": key, "label": t["label"].astype(str).to_numpy()}).drop_duplicates("unit")
+    test_units = set()
+    for _, g in units.groupby("label"):
+        ids = g["unit"].to_numpy()[rng.permutation(len(g))]
+        n_test = int(round(len(ids) * test_fraction)) if len(ids) >= 2 else 0
+        test_units.update(ids[:max(n_test, 1 if len(ids) >= 2 else 0)].tolist())
+    is_test = np.array([u in test_units for u in key])
+    train = np.nonzero(~is_test)[0]
+    if recipe["max_per_group"]:
+        keep = []
+        for _, idx in pd.Series(train).groupby(key[train]):
+            idx = idx.to_numpy()
+            keep.append(rng.choice(idx, size=min(recipe["max_per_group"], len(idx)), replace=False))
+        train = np.sort(np.concatenate(keep))
+    return train, np.nonzero(is_test)[0]
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+def evaluate(samples: PixelSamples, test: np.ndarray, proba: np.ndarray, classes: list[dict]) -> dict:
+    y = encode_labels(samples, classes)[test]
+    evaluated = sorted({int(v) for v in y if v >= 0} | ({len(classes)} if (y < 0).any() else set()))
+    names = [c["name"] for c in classes]
+    # a test class the training never saw is its own (never predicted) class: always an error
+    y_eval = np.where(y >= 0, y, len(names))
+    m = classification_metrics(y_eval, proba.argmax(1), [*names, "unseen"], labels=evaluated)
+    return {k: round(float(m[k]), 4) for k in ("overall_accuracy", "kappa", "macro_f1", "weighted_f1")}
+
+
+def steps_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
+    per_epoch = max(1, math.ceil(n_train / batch))
+    return max(epochs, math.ceil(min_steps / per_epoch))
+
+
+def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, work: Path, encoders: dict) -> dict:
+    pool, test = split(samples, seed, recipe)
+    y_all = encode_labels(samples, class_table(samples, pool))
+    train = subsample_labels(y_all, pool, seed, fraction=budget) if budget < 1 else pool
+    classes = class_table(samples, train)
+    t0 = time.perf_counter()
+    if model == "rf":
+        y = encode_labels(samples, classes)
+        forest = make_forest(seed, n_jobs=args.threads).fit(binned_features(as_series(samples.subset(train))), y[train])
+        raw = forest.predict_proba(binned_features(as_series(samples.subset(test))))
+        proba = np.zeros((len(test), len(classes)), np.float32)
+        proba[:, forest.classes_] = raw
+        epochs = None
+    else:
+        batch = recipe["batch_size"]
+        epochs = steps_epochs(len(train), batch, args.epochs, args.min_steps)
+        cfg = FitConfig(epochs=epochs, batch_size=batch, max_len=recipe["max_len"], seed=seed, device=args.device,
+                        augment=recipe["augment"].augment())
+        enc = encoders[model] if pretrain == "moco" else None
+        out = work / f"{model}-{pretrain}-{budget}-{seed}"
+        meta = train_model(samples, train, np.zeros(0, np.int64), out, model_name=model, fit_config=cfg, pretrained=enc,
+                           model_options=recipe["model_options"].get(model, {}) if enc is None else None)
+        net, meta = load_model_dir(out, args.device)
+        norm = meta["normalisation"]
+        proba = predict_proba(net, as_series(samples.subset(test)), np.asarray(norm["mean"], np.float32),
+                              np.asarray(norm["std"], np.float32), int(meta["max_len"]), 1024, args.device)
+    m = evaluate(samples, test, proba, classes)
+    return {"model": model, "pretrain": pretrain, "budget": budget, "seed": seed, "n_train": int(len(train)),
+            "n_test": int(len(test)), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **m}
+
+
+def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str) -> dict:
+    out = {}
+    for model in models:
+        path = work / f"encoder-{dataset}-{model}"
+        if not (path / "config.json").exists():
+            t0 = time.perf_counter()
+            sub = unlabelled
+            if len(unlabelled) > args.pretrain_series:
+                sub = unlabelled.subset(np.sort(np.random.default_rng(0).choice(len(unlabelled), args.pretrain_series, replace=False)))
+            cfg = MoCoConfig(epochs=args.pretrain_epochs, batch_size=min(512, max(32, len(sub) // 8)), patience=10,
+                             momentum=args.momentum, view_length=recipe["max_len"], device=args.device, seed=0)
+            meta = pretrain_encoder(sub, path, model_name=model, model_options=recipe["model_options"].get(model, {}), config=cfg)
+            p = meta["pretrain"]
+            print(f"# pretrained {model} on {p['n_train']}+{p['n_val']} series: best epoch {p['best_epoch']}/{p['epochs_run']}, "
+                  f"val InfoNCE {p['best_val_infonce']:.3f}, queue {p['queue_size']}, {time.perf_counter() - t0:.0f} s", flush=True)
+        out[model] = path
+    return out
+
+
+# --- summary --------------------------------------------------------------------------------
+
+def summarize(rows: list[dict]) -> str:
+    df = pd.DataFrame(rows)
+    lines = []
+    for dataset, d in df.groupby("dataset", sort=False):
+        lines.append(f"\n### {dataset}: overall accuracy / macro F1, mean ± std over seeds (n seeds)\n")
+        budgets = sorted(d["budget"].unique())
+        lines.append("| model | pre-training | " + " | ".join(f"{b:.0%} labels" for b in budgets) + " |")
+        lines.append("|---|---|" + "---|" * len(budgets))
+        for (model, pre), g in sorted(d.groupby(["model", "pretrain"]), key=lambda kv: (kv[0][0] != "rf", kv[0])):
+            cells = []
+            for b in budgets:
+                r = g[g.budget == b]
+                if r.empty:
+                    cells.append("")
+                    continue
+                sd = lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0  # noqa: E731
+                cells.append(f"{r.overall_accuracy.mean():.3f} ± {sd(r.overall_accuracy):.3f} / "
+                             f"{r.macro_f1.mean():.3f} ± {sd(r.macro_f1):.3f} ({len(r)})")
+            lines.append(f"| {model} | {pre} | " + " | ".join(cells) + " |")
+        pairs = d[d.model != "rf"].pivot_table(index=["model", "budget", "seed"], columns="pretrain", values="overall_accuracy")
+        if {"none", "moco"} <= set(pairs.columns):
+            gain = (pairs["moco"] - pairs["none"]).dropna()
+            lines.append("\nGain of MoCo pre-training in overall accuracy (paired by model, budget and seed):\n")
+            lines.append("| budget | mean gain | std | better in |")
+            lines.append("|---|---|---|---|")
+            for b, g in gain.groupby(level="budget"):
+                lines.append(f"| {b:.0%} | {g.mean():+.3f} | {g.std(ddof=1) if len(g) > 1 else 0:.3f} | {(g > 0).sum()}/{len(g)} |")
+        best = d[(d.model != "rf") & (d.budget == 1.0)].groupby(["model", "pretrain"]).overall_accuracy.mean()
+        rf = d[(d.model == "rf") & (d.budget == 1.0)].overall_accuracy
+        if len(best) and len(rf):
+            (bm, bp), bv = best.idxmax(), best.max()
+            lines.append(f"\nBest deep model at 100 % labels: {bm} ({bp}) OA {bv:.3f} vs random forest {rf.mean():.3f}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=["demo", "rpg2023"])
+    ap.add_argument("--models", nargs="+", default=[*MODELS, "rf"])
+    ap.add_argument("--pretrain", nargs="+", default=["none", "moco"], choices=["none", "moco"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.2, 1.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--min-steps", type=int, default=200)
+    ap.add_argument("--pretrain-epochs", type=int, default=30)
+    ap.add_argument("--pretrain-series", type=int, default=8000)
+    ap.add_argument("--momentum", type=float, default=0.99, help="MoCo key momentum (0.999 needs far more steps than these datasets give)")
+    ap.add_argument("--max-per-parcel", type=int, default=None, help="demo: training pixels per parcel (default: the site's)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.jsonl"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cropmap-bench")
+    ap.add_argument("--summarize", type=Path, nargs="+")
+    args = ap.parse_args()
+    if args.summarize:
+        rows = [json.loads(line) for p in args.summarize for line in p.read_text().splitlines() if line.strip()]
+        print(summarize(rows))
+        return
+    if not args.dataset:
+        ap.error("--dataset or --summarize is required")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.dataset == "demo":
+        samples, unlabelled, recipe = demo_dataset(args.work / "cache")
+        if args.max_per_parcel:
+            recipe["max_per_group"] = args.max_per_parcel
+    else:
+        samples, unlabelled, recipe = rpg2023_dataset(SHARED / "examples" / "rpg2023_dekad_long.parquet",
+                                                      SHARED / "worldcereal" / "points" / "class_mappings.json")
+    print(f"# {args.dataset}: {len(samples)} labelled series, {samples.table['label'].nunique()} classes, "
+          f"{len(unlabelled)} unlabelled series, bands {samples.bands}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if args.out.exists():
+        for line in args.out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["dataset"], r["model"], r["pretrain"], r["budget"], r["seed"]))
+    deep = [m for m in args.models if m != "rf"]
+    encoders = pretrain_encoders(unlabelled, recipe, deep, args, args.work, args.dataset) if "moco" in args.pretrain else {}
+    jobs = [(m, p, b, s) for b in args.budgets for s in args.seeds for m in args.models
+            for p in (["none"] if m == "rf" else args.pretrain)]
+    for model, pre, budget, seed in jobs:
+        if (args.dataset, model, pre, budget, seed) in done:
+            continue
+        r = {"dataset": args.dataset, **run_one(samples, unlabelled, recipe, model, pre, budget, seed, args, args.work, encoders)}
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    print(summarize([r for r in rows if r["dataset"] == args.dataset]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
