@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from cropmap.regions import LEGENDS_DIR, REGIONS_DIR, SITES_DIR
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SiteError
 
@@ -46,7 +45,7 @@ class Legend(_Strict):
     classes: list[LegendClass] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique(self) -> "Legend":
+    def _unique(self) -> Legend:
         codes = [c.code for c in self.classes]
         if len(set(codes)) != len(codes):
             raise ValueError(f"class codes must be unique, got {codes}")
@@ -220,7 +219,7 @@ class Gee(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _dest(self) -> "Gee":
+    def _dest(self) -> Gee:
         if not self.bucket and not self.export_folder:
             raise ValueError("set `bucket` (Cloud Storage) or `export_folder` (local copy of the exports)")
         return self
@@ -261,7 +260,7 @@ class Site(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "Site":
+    def _check(self) -> Site:
         xmin, ymin, xmax, ymax = self.extent
         if not (xmin < xmax and ymin < ymax):
             raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")

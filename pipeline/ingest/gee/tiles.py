@@ -53,7 +53,7 @@ class ExportTile:
         t = self.transform
         return [t.a, t.b, t.c, t.d, t.e, t.f]
 
-    def split(self) -> list["ExportTile"]:
+    def split(self) -> list[ExportTile]:
         """Four quadrant tiles covering this one exactly (row-major)."""
         if self.width < 2 or self.height < 2:
             raise ValueError(f"tile {self.name} ({self.width} x {self.height} px) is too small to split")
