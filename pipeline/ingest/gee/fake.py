@@ -40,16 +40,24 @@ ERRORS = {
 
 def export_grid(request: dict) -> tuple[int, Affine, int, int]:
     """(epsg, transform, width, height) of an image export request, read from its serialised expression."""
-    expr = request["expression"]
-    values = expr["values"]
-    top = values[expr["result"]]["functionInvocationValue"]
-    assert top["functionName"] == "Image.clipToBoundsAndScale", top["functionName"]
-    _, _, width, height = top["arguments"]["geometry"]["functionInvocationValue"]["arguments"]["coordinates"]["constantValue"]
-    ref = top["arguments"]["input"]
-    inner = values[ref["valueReference"]]["functionInvocationValue"] if "valueReference" in ref else ref["functionInvocationValue"]
-    assert inner["functionName"] == "Image.reproject", inner["functionName"]
-    crs = inner["arguments"]["crs"]["functionInvocationValue"]["arguments"]["crs"]["constantValue"]
-    a, b, c, d, e, f = inner["arguments"]["crsTransform"]["constantValue"]
+    values = request["expression"]["values"]
+
+    def node(n: dict) -> dict:  # follow shared-value references of the serialised graph
+        while "valueReference" in n:
+            n = values[n["valueReference"]]
+        return n
+
+    def call(n: dict, fn: str) -> dict:
+        inv = node(n)["functionInvocationValue"]
+        if inv["functionName"] != fn:
+            raise ValueError(f"expected {fn}, found {inv['functionName']}: not an image export with an explicit grid")
+        return inv["arguments"]
+
+    top = call(values[request["expression"]["result"]], "Image.clipToBoundsAndScale")
+    _, _, width, height = node(call(top["geometry"], "GeometryConstructors.Rectangle")["coordinates"])["constantValue"]
+    reproject = call(top["input"], "Image.reproject")
+    crs = node(call(reproject["crs"], "Projection")["crs"])["constantValue"]
+    a, b, c, d, e, f = node(reproject["crsTransform"])["constantValue"]
     return int(crs.split(":")[1]), Affine(a, b, c, d, e, f), int(width), int(height)
 
 
@@ -145,7 +153,7 @@ def write_shards(data: np.ndarray, transform: Affine, epsg: int, name: str, fold
             path = folder / (f"{name}.tif" if one else f"{name}-{r:010d}-{c:010d}.tif")
             path.parent.mkdir(parents=True, exist_ok=True)
             with rasterio.open(path, "w", driver="GTiff", width=part.shape[2], height=part.shape[1], count=part.shape[0],
-                               dtype=part.dtype, crs=f"EPSG:{epsg}", transform=transform * Affine.translation(c, r)) as ds:
+                               dtype=part.dtype, crs=f"EPSG:{epsg}", transform=transform @ Affine.translation(c, r)) as ds:
                 ds.write(part)
             paths.append(path)
     return paths
@@ -260,7 +268,7 @@ class DemoServer:
                 pick = rng.choice(len(rr), size=min(self.site.gee.samples_per_class, len(rr)), replace=False)
                 for k in pick:
                     r, c = int(rr[k]), int(cc[k])
-                    x, y = lgrid.transform * (c + 0.5, r + 0.5)
+                    x, y = lgrid.transform @ (c + 0.5, r + 0.5)
                     sid = f"{cube.attrs['tile']}_{r}_{c}"
                     for t in np.nonzero(clear[:, r, c])[0]:
                         rows.append({"sample_id": sid, "label": int(code), "block_x": int(x // block), "block_y": int(y // block),
