@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,9 @@ class Client(Protocol):
 
     def get_info(self, obj: Any) -> Any:
         """Evaluate a small ``ee`` object (metadata) on the server."""
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between polls (the fake client only advances a virtual clock)."""
 
 
 def status_from_operation(op: dict) -> TaskStatus:
@@ -181,3 +185,6 @@ class EarthEngineClient:
     def get_info(self, obj: Any) -> Any:
         self._ee()
         return obj.getInfo()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)

@@ -79,6 +79,8 @@ class FakeClient:
         self.started: list[str] = []
         """Export names in the order they were started."""
         self.max_active_seen = 0
+        self.slept = 0.0
+        """Seconds the task manager waited (virtual: nothing sleeps)."""
         self._ids = itertools.count(1)
 
     def _outcome(self, name: str) -> str:
@@ -138,6 +140,9 @@ class FakeClient:
         if self.info is None:
             raise AssertionError("this FakeClient was given no `info` answers")
         return self.info(ee.serializer.encode(obj, for_cloud_api=True))
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
 
 
 # ---------------------------------------------------------------- real pixels

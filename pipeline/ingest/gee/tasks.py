@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,7 +98,7 @@ class TaskManager:
 
     def __init__(self, client: Client, state_path: Path, make_task: Callable[[Job], Any], *, max_pending: int = 20,
                  max_attempts: int = 3, max_split_depth: int = 2, backoff: Backoff | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] | None = None):
         self.client = client
         self.state_path = Path(state_path)
         self.make_task = make_task
@@ -107,7 +106,7 @@ class TaskManager:
         self.max_attempts = max_attempts
         self.max_split_depth = max_split_depth
         self.backoff = backoff or Backoff()
-        self.sleep = sleep
+        self.sleep = sleep or client.sleep
         self.jobs: dict[str, Job] = self._load()
 
     # ------------------------------------------------------------ state file
