@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from cropmap.regions import LEGENDS_DIR, REGIONS_DIR, SITES_DIR
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cropmap.regions import LEGENDS_DIR, REGIONS_DIR, SITES_DIR
 
 from .errors import SiteError
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import gee_demo_doc, write_site
 
 from cropmap.pipeline.errors import AuthError, SiteError
 from cropmap.pipeline.ingest.gee.auth import check_auth, require_auth
 from cropmap.pipeline.sites import list_site_names, load_site
-from conftest import gee_demo_doc, write_site
 
 SECRET = "-----BEGIN PRIVATE KEY-----NOT-A-REAL-KEY"
 

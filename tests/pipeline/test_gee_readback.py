@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from conftest import TILE_FULL, gee_demo_doc, write_site
 
 from cropmap.pipeline.cube import open_cube
 from cropmap.pipeline.errors import DataError
@@ -20,7 +21,6 @@ from cropmap.pipeline.ingest.local import read_label_raster, read_tile
 from cropmap.pipeline.runner import Runner
 from cropmap.pipeline.sites import load_legend, load_site
 from cropmap.pipeline.workflow import build_stages
-from conftest import TILE_FULL, gee_demo_doc, write_site
 
 
 @pytest.fixture
