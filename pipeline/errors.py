@@ -40,3 +40,7 @@ class ModelError(CropmapError):
 
 class StageError(CropmapError):
     """A stage that failed for a reason the user can act on."""
+
+
+class AuthError(CropmapError):
+    """Earth Engine credentials or Cloud project missing or unusable."""

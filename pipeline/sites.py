@@ -178,18 +178,107 @@ class Training(_Strict):
         return Augment(self.jitter_days, self.offset_std, self.date_noise_p, self.band_drop_p)
 
 
+class Parcels(_Strict):
+    path: str
+    """Parcel file (Shapefile, GeoPackage or GeoParquet), relative to ``regions/`` or absolute; kept local."""
+    code_column: str = "CODE_GROUP"
+    """Column of crop codes mapped by the legend's ``source_codes`` (RPG ``CODE_GROUP``, EuroCrops ``EC_hcat_c``)."""
+    id_column: str | None = None
+    """Column of parcel ids (RPG ``ID_PARCEL``); ``None``: parcels are recovered from the raster."""
+    layer: str | None = None
+    """Layer of a multi-layer GeoPackage."""
+
+    def resolved(self) -> Path:
+        p = Path(os.path.expandvars(self.path)).expanduser()
+        return p if p.is_absolute() else REGIONS_DIR / p
+
+
+class Gee(_Strict):
+    """Earth Engine settings of a ``source: gee`` site (see ``pipeline/ingest/gee``)."""
+
+    project: str | None = None
+    """Cloud project registered for Earth Engine; ``$EE_PROJECT`` when unset."""
+    bucket: str | None = None
+    """Cloud Storage bucket the exports go to (``gs://`` prefix optional)."""
+    export_folder: str | None = None
+    """Local folder holding the exports (a synced copy of the bucket, or the fake client's output)."""
+    prefix: str = "cropmap"
+    """Object prefix inside the bucket: exports are named ``{prefix}/{site}/{year}/{kind}/{tile}``."""
+    tile_size_m: float = Field(default=30_000, ge=640, le=100_000)
+    """Side of the snapped UTM export tiles (20-50 km recommended)."""
+    grid_origin: tuple[float, float] = (0.0, 0.0)
+    """Tiles are snapped to multiples of ``tile_size_m`` from this point (site CRS)."""
+    composite_days: int = Field(default=10, ge=1, le=92)
+    season_start_month: int = Field(default=1, ge=1, le=12)
+    """First month of the season; the season lasts ``season_months`` and ends in the run year."""
+    season_months: int = Field(default=12, ge=1, le=24)
+    cs_cdf_threshold: float = Field(default=0.6, ge=0.3, le=0.9)
+    """Cloud Score+ ``cs_cdf`` at or above which a Sentinel-2 pixel is clear (0.5-0.65 works)."""
+    exclude_scl: list[int] = Field(default_factory=lambda: [3, 8, 9, 10, 11])
+    """Also drop these Sentinel-2 SCL classes (empty list: Cloud Score+ only)."""
+    max_cloudy_percent: float = Field(default=80, gt=0, le=100)
+    orbit_pass: Literal["ASCENDING", "DESCENDING"] = "ASCENDING"
+    cdl_confidence: int = Field(default=95, ge=0, le=100)
+    """CDL pixels are labels only where ``confidence`` exceeds this and their 3x3 window is uniform."""
+    file_dimensions: int = Field(default=2560, ge=256, le=32768)
+    """Pixels per side of one exported GeoTIFF shard (a multiple of the 256 shard size)."""
+    max_pixels: float = Field(default=1e10, ge=1e6, le=1e13)
+    max_pending: int = Field(default=20, ge=1, le=3000)
+    """Tasks of this project queued or running at once (Earth Engine caps a project at 3000)."""
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    max_split_depth: int = Field(default=2, ge=0, le=4)
+    """A tile failing with a memory or timeout error is split into 4, at most this many times."""
+    samples_per_class: int = Field(default=500, ge=1)
+    block_size_m: float = Field(default=10_000, gt=0)
+    """Training samples are split train/val/test by spatial blocks of this side."""
+    tile_scale: int = Field(default=4, ge=1, le=16)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.removeprefix("gs://").strip("/")
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", v):
+            raise ValueError(f"{v!r} is not a Cloud Storage bucket name")
+        return v
+
+    @field_validator("file_dimensions")
+    @classmethod
+    def _shards(cls, v: int) -> int:
+        if v % 256:
+            raise ValueError(f"must be a multiple of the 256-pixel shard size, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _dest(self) -> Gee:
+        if not self.bucket and not self.export_folder:
+            raise ValueError("set `bucket` (Cloud Storage) or `export_folder` (local copy of the exports)")
+        return self
+
+    def folder(self) -> Path | None:
+        if self.export_folder is None:
+            return None
+        p = Path(os.path.expandvars(self.export_folder)).expanduser()
+        return p if p.is_absolute() else REGIONS_DIR / p
+
+
 class Site(_Strict):
     name: str
     title: str = ""
     crs: str = Field(pattern=r"^EPSG:\d{4,5}$")
     resolution: float = Field(gt=0)
     extent: tuple[float, float, float, float]
-    source: Literal["local"]
-    label_source: Literal["parcel-raster"]
+    source: Literal["local", "gee"]
+    label_source: Literal["parcel-raster", "cdl", "parcels"]
+    """``parcel-raster``: the local archive's label raster; ``cdl``: USDA CDL from Earth Engine;
+    ``parcels``: a local parcel file (RPG, EuroCrops) rasterised on each tile."""
     legend: str
     years: list[int] = Field(min_length=1)
     default_year: int | None = None
     local: LocalSource | None = None
+    gee: Gee | None = None
+    parcels: Parcels | None = None
     bands: Bands = Field(default_factory=Bands)
     cloud_mask: CloudMask = Field(default_factory=CloudMask)
     tensors: Tensors = Field(default_factory=Tensors)
@@ -211,6 +300,16 @@ class Site(_Strict):
             raise ValueError(f"default_year {self.default_year} is not one of years {self.years}")
         if self.source == "local" and self.local is None:
             raise ValueError("source 'local' needs a 'local:' section (root, tiles)")
+        if self.source == "gee" and self.gee is None:
+            raise ValueError("source 'gee' needs a 'gee:' section (bucket or export_folder, tile_size_m, ...)")
+        if self.label_source == "parcel-raster" and self.source != "local":
+            raise ValueError("label_source 'parcel-raster' needs source 'local'; use 'cdl' or 'parcels'")
+        if self.label_source == "cdl" and self.source != "gee":
+            raise ValueError("label_source 'cdl' needs source 'gee'")
+        if self.label_source == "parcels" and self.parcels is None:
+            raise ValueError("label_source 'parcels' needs a 'parcels:' section (path, code_column)")
+        if self.gee and (self.gee.tile_size_m / self.resolution) % 1:
+            raise ValueError(f"gee.tile_size_m {self.gee.tile_size_m} is not a multiple of resolution {self.resolution}")
         if self.local:
             for t in self.local.tiles:
                 if t.year not in self.years:

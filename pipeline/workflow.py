@@ -64,17 +64,24 @@ PROTOCOL = (
 
 def run_tiles(site: Site, year: int) -> list[tuple[str, int]]:
     """Tiles mapped for ``year``."""
+    if site.source == "gee":
+        from .ingest.gee.tiles import site_tiles
+
+        return [(t.name, year) for t in site_tiles(site)]
     return [(t.id, t.year) for t in site.local.tiles if t.year == year]
 
 
 def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
-    """Labelled tiles used for training: the run year's, or every year up to it with ``pool_years``."""
-    if site.training.pool_years:
+    """Labelled tiles used for training: the run year's, or every year up to it with ``pool_years`` (local sites)."""
+    if site.training.pool_years and site.source == "local":
         return [(t.id, t.year) for t in site.local.tiles if t.year <= year]
     return run_tiles(site, year)
 
 
-def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None) -> tuple[list[Stage], Legend]:
+def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None,
+                 gee_client=None) -> tuple[list[Stage], Legend]:
+    """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
+    Earth Engine client of a ``source: gee`` site (tests use the fake one)."""
     legend = load_legend(site.legend)
     tr = site.training
     if epochs is not None:
@@ -83,11 +90,26 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
     trained = training_tiles(site, year)
     if not mapped:
         raise StageError(f"site {site.name!r} lists no tile for year {year}", fix=f"add tiles with year {year} to its site file")
-    tiles = sorted(set(mapped) | set(trained), key=lambda t: [x.id for x in site.local.tiles].index(t[0]))
-    tile_index = {t.id: i for i, t in enumerate(site.local.tiles)}
-    files = {tid: find_tile_files(site, tid) for tid, _ in tiles}
-    source_files = [p for f in files.values() for p in f.existing() if p != f.labels]
-    label_files = [f.labels for tid, f in files.items() if f.labels is not None]
+    order = [t for t, _ in mapped] if site.source == "gee" else [x.id for x in site.local.tiles]
+    tiles = sorted(set(mapped) | set(trained), key=lambda t: order.index(t[0]))
+    tile_index = {tid: i for i, tid in enumerate(order)}
+    if site.source == "gee":
+        from .ingest.gee.source import GeeSource, make_client
+
+        gee_src = GeeSource(site, year, gee_client or make_client)
+        source_files, label_files = [], ([site.parcels.resolved()] if site.label_source == "parcels" else [])
+        read_cube, read_codes = _gee_readers(site, gee_src, legend)
+    else:
+        files = {tid: find_tile_files(site, tid) for tid, _ in tiles}
+        source_files = [p for f in files.values() for p in f.existing() if p != f.labels]
+        label_files = [f.labels for tid, f in files.items() if f.labels is not None]
+
+        def read_cube(ctx, tid, tyear):
+            return read_tile(site, tid, tyear)
+
+        def read_codes(ctx, tid):
+            return read_label_raster(site, tid)
+
     legend_doc = legend.model_dump()
 
     def ingest(ctx: StageContext) -> dict[str, str]:
@@ -104,14 +126,14 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         notes, sizes = [], {}
         tick = ctx.progress("ingest tiles", len(tiles)) if ctx.progress else None
         for tid, tyear in tiles:
-            cube, tile_notes = read_tile(site, tid, tyear)
+            cube, tile_notes = read_cube(ctx, tid, tyear)
             write_cube(cube, out / f"{tid}.zarr")
             notes += tile_notes
             sizes[tid] = {"s2_dates": int(cube.sizes["time_s2"]), "s1_dates": int(cube.sizes["time_s1"]),
                           "clear_fraction": round(float(cube["s2_clear"].mean()), 3), "missing_bands": list(cube.attrs["missing_bands"])}
             if tick:
                 tick(1)
-        ctx.report.update(tiles=sizes, notes=notes)
+        ctx.report.update(tiles=sizes, notes=notes, **ctx.report.pop("gee", {}))
         return {"cube": "cube"}
 
     def labels(ctx: StageContext) -> dict[str, str]:
@@ -119,7 +141,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         tables, unmapped = [], {}
         with atomic_path(out, is_dir=True) as tmp:
             for tid, tyear in tiles:
-                codes, grid = read_label_raster(site, tid)
+                codes, grid = read_codes(ctx, tid)
                 tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform)
                 profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=f"EPSG:{grid.epsg}",
                                transform=grid.transform, compress="deflate")
@@ -135,8 +157,9 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         per_class = parcels.groupby("class_name").agg(parcels=("parcel_id", "size"), pixels=("n_pixels", "sum"))
         ctx.report.update(parcels=int(len(parcels)), per_class=per_class.to_dict(orient="index"),
                           unmapped_source_codes=unmapped)
+        ctx.report.update(ctx.report.pop("gee", {}))
         if unmapped:
-            ctx.report["notes"] = [f"tile {t}: source codes not in legend {legend.name!r} (pixels): {u}" for t, u in unmapped.items()]
+            ctx.report["notes"] = ctx.report.get("notes", []) + [f"tile {t}: source codes not in legend {legend.name!r} (pixels): {u}" for t, u in unmapped.items()]
         return {"labels": "labels"}
 
     def tensors(ctx: StageContext) -> dict[str, str]:
@@ -277,11 +300,12 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return {"report": "report.html"}
 
     common = {"site": site.name, "year": year}
+    source_cfg = ({"gee": site.gee.model_dump(), "parcels": site.parcels.model_dump() if site.parcels else None}
+                  if site.source == "gee" else {"label_variable": site.local.label_variable})
     stages = [
         Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(),
-                                                              "cloud_mask": site.cloud_mask.model_dump()}),
-        Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc,
-                                                             "label_variable": site.local.label_variable}),
+                                                              "cloud_mask": site.cloud_mask.model_dump(), **source_cfg}),
+        Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc, **source_cfg}),
         Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
         *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
                                                                  "model_options": tr.model_options, **site.tensors.model_dump()})]
@@ -293,6 +317,36 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         Stage("report", report, after=["predict", "evaluate"], config=common),
     ]
     return stages, legend
+
+
+def _gee_readers(site: Site, src, legend: Legend):
+    """read_cube / read_codes of a ``source: gee`` site: the first call of a stage runs its exports
+    (task manager, resumable), then each tile is read back from the exported files."""
+    from .ingest.gee.source import rasterize_parcels, read_parcels
+
+    tiles = {t.name: t for t in src.tiles}
+    exported: dict[str, dict] = {}
+
+    def read_cube(ctx: StageContext, tid: str, tyear: int):
+        if "cubes" not in exported:
+            exported["cubes"] = src.export_cubes(ctx.run_dir)
+            ctx.report["gee"] = {"exports": sum(len(v) for t in exported["cubes"].values() for v in t.values()),
+                                 "eecu_hours": round(src.eecu_seconds / 3600, 4)}
+        cube = src.read_cube(tiles[tid], exported["cubes"][tid], ctx.run_dir / "gee" / "files")
+        return cube, []
+
+    def read_codes(ctx: StageContext, tid: str):
+        tile = tiles[tid]
+        if site.label_source == "parcels":
+            if "parcels" not in exported:
+                exported["parcels"] = read_parcels(site)
+            return rasterize_parcels(exported["parcels"], tile.grid, site.parcels.code_column), tile.grid
+        if "cdl" not in exported:
+            exported["cdl"], note = src.export_cdl(ctx.run_dir)
+            ctx.report["gee"] = {"notes": [note]}
+        return src.read_cdl(tile, exported["cdl"][tid], ctx.run_dir / "gee" / "files"), tile.grid
+
+    return read_cube, read_codes
 
 
 def _tile_pixels(path: Path) -> int:

@@ -46,3 +46,33 @@ def data_copy(tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(DEMO_DATA, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ee_offline():
+    """The real earthengine-api client initialised with no server (EARTH_ENGINE.md, "Testing offline").
+
+    Touches private attributes of earthengine-api, hence the pinned version range in pyproject.toml
+    and ``test_gee_builders.py::test_offline_fixture_initialises_the_real_client``.
+    """
+    import ee
+    from ee import apitestcase
+
+    ee.Reset()
+    ee.data._install_cloud_api_resource = lambda: None
+    ee.data.getAlgorithms = apitestcase.GetAlgorithms
+    ee.deprecation._FetchDataCatalogStac = lambda: {}
+    ee.Initialize(None, "", project="test")
+    yield ee
+    ee.Reset()
+
+
+def gee_demo_doc(export_folder: Path, name: str = "demo-gee", **gee) -> dict:
+    """A ``source: gee`` site over the demo tile 0000280849BAC91C (one 640 m export tile)."""
+    return {
+        "name": name, "crs": "EPSG:32631", "resolution": 10, "extent": [574680, 5621800, 575320, 5622440],
+        "source": "gee", "label_source": "cdl", "legend": "demo", "years": [2019],
+        "gee": {"export_folder": str(export_folder), "bucket": "test-bucket", "tile_size_m": 640,
+                "grid_origin": [574680, 5621800], "composite_days": 10, "samples_per_class": 20, **gee},
+        "training": {"epochs": 1, "split_seeds": [0]},
+    }

@@ -1,0 +1,126 @@
+"""Reading exports back: GeoTIFF shards into the site cube format, CSV tables into sample stores.
+
+Shards are placed on the tile grid by their own georeferencing (not by file name), so the
+outputs of a tile that was split into quadrants assemble the same way as one export; a grid
+that does not match (CRS, pixel size, alignment) or a tile left partly uncovered is an error,
+never a silent hole. The cube built here has the variables, dtypes and attributes of the
+``local`` source (:mod:`cropmap.pipeline.cube`), with composites instead of raw acquisitions
+along ``time_s2``/``time_s1`` (attribute ``temporal: composite``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+import xarray as xr
+
+from ...cube import S2_SCALE, TileGrid
+from ...errors import DataError
+from ...samples import PixelSamples, long_table_to_samples
+from ...sites import Legend, Site
+from .builders import S1_NODATA, Period
+from .tiles import ExportTile
+
+
+def read_shards(paths: list[Path], grid: TileGrid) -> np.ndarray:
+    """Mosaic GeoTIFF shards onto ``grid``: (bands, height, width), checked complete and aligned."""
+    if not paths:
+        raise DataError("no exported file to read for this tile", fix="rerun the ingest stage to export it")
+    out, covered = None, np.zeros((grid.height, grid.width), dtype=bool)
+    for path in paths:
+        with rasterio.open(path) as ds:
+            if ds.crs is None or ds.crs.to_epsg() != grid.epsg:
+                raise DataError(f"{Path(path).name} is in {ds.crs}, the tile is in EPSG:{grid.epsg}", fix="re-export with the site's crs")
+            t = ds.transform
+            col, row = (t.c - grid.transform.c) / grid.transform.a, (t.f - grid.transform.f) / grid.transform.e
+            if not (np.isclose(t.a, grid.transform.a) and np.isclose(t.e, grid.transform.e)
+                    and np.isclose(col, round(col)) and np.isclose(row, round(row))):
+                raise DataError(f"{Path(path).name} is not on the tile's pixel grid (transform {tuple(t)[:6]})",
+                                fix="re-export with the tile's crsTransform")
+            col, row = round(col), round(row)
+            if col < 0 or row < 0 or col + ds.width > grid.width or row + ds.height > grid.height:
+                raise DataError(f"{Path(path).name} reaches outside its tile", fix="re-export the tile")
+            data = ds.read()
+        if out is None:
+            out = np.zeros((data.shape[0], grid.height, grid.width), dtype=data.dtype)
+        elif data.shape[0] != out.shape[0]:
+            raise DataError(f"{Path(path).name} has {data.shape[0]} bands, other shards of the tile {out.shape[0]}", fix="re-export the tile")
+        out[:, row:row + ds.height, col:col + ds.width] = data
+        covered[row:row + ds.height, col:col + ds.width] = True
+    if not covered.all():
+        raise DataError(f"the exported shards cover {covered.mean():.1%} of the tile", fix="rerun the ingest stage; missing shards are exported again")
+    return out
+
+
+def _per_period(data: np.ndarray, n_periods: int, per: int, what: str) -> np.ndarray:
+    if data.shape[0] != n_periods * per:
+        raise DataError(f"{what} export has {data.shape[0]} bands, expected {n_periods} periods x {per}",
+                        fix="the export is from another configuration: delete it and rerun the ingest stage")
+    return data.reshape(n_periods, per, *data.shape[1:])
+
+
+def composite_cube(s2: np.ndarray, s1: np.ndarray | None, periods: list[Period], tile: ExportTile, site: Site,
+                   year: int, sources: list[str]) -> xr.Dataset:
+    """The cube of one tile from its S2 export (bands x periods + clear counts) and S1 export."""
+    bands_s2, bands_s1 = list(site.bands.s2), list(site.bands.s1)
+    s2p = _per_period(s2, len(periods), len(bands_s2) + 1, "Sentinel-2")
+    dn = s2p[:, :-1].astype(np.uint16)
+    clear = (s2p[:, -1] > 0) & (dn != 0).any(axis=1)
+    if s1 is not None and bands_s1:
+        s1p = _per_period(s1, len(periods), len(bands_s1), "Sentinel-1").astype(np.float32)
+        s1p[s1p == S1_NODATA] = np.nan
+    else:
+        s1p = np.full((len(periods), len(bands_s1), tile.height, tile.width), np.nan, dtype=np.float32)
+    times = np.array([np.datetime64(p.start, "ns") for p in periods])
+    t = tile.transform
+    return xr.Dataset(
+        {
+            "s2": (("time_s2", "band_s2", "y", "x"), dn),
+            "s2_clear": (("time_s2", "y", "x"), clear),
+            "s1": (("time_s1", "band_s1", "y", "x"), s1p),
+        },
+        coords={
+            "time_s2": times, "time_s1": times.copy(),
+            "x": t.c + t.a * (np.arange(tile.width) + 0.5),
+            "y": t.f + t.e * (np.arange(tile.height) + 0.5),
+        },
+        attrs={
+            "tile": tile.name, "year": int(year), "epsg": tile.epsg, "transform": list(t.to_gdal()),
+            "bands_s2": bands_s2, "bands_s1": bands_s1, "missing_bands": [], "sources": sources,
+            "s2_scale": S2_SCALE, "temporal": "composite", "composite_days": site.gee.composite_days,
+        },
+    )
+
+
+# ---------------------------------------------------------------- sample tables
+def block_split(block_x: np.ndarray, block_y: np.ndarray, seed: int, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """train/val/test per spatial block: a seeded integer hash of the block, so no block straddles splits."""
+    h = (np.asarray(block_x, np.int64) * 73856093) ^ (np.asarray(block_y, np.int64) * 19349663) ^ (seed * 83492791)
+    u = (h % 10007) / 10007.0
+    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+
+
+def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: int, *, seed: int = 0) -> PixelSamples:
+    """The exported long table (one row per point and clear acquisition, DN bands) as pixel samples:
+    reflectance bands, legend class codes (unmapped codes dropped), spatial-block ``split``."""
+    need = ["sample_id", "label", "date", "x", "y", "block_x", "block_y", *site.bands.s2]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise DataError(f"exported sample table lacks column(s) {missing}", fix="delete the export and rerun: it is from another configuration")
+    lookup = legend.source_lookup()
+    codes = table["label"].astype(int).map(lookup)
+    df = table[codes.notna()].copy()
+    df["label"] = codes[codes.notna()].astype(int)
+    for b in site.bands.s2:
+        df[b] = df[b].astype(np.float32) * np.float32(S2_SCALE)
+    tr = site.training
+    df["split"] = block_split(df["block_x"].to_numpy(), df["block_y"].to_numpy(), seed, tr.test_fraction, tr.val_fraction)
+    df["epsg"] = site.epsg
+    df["season_year"] = int(year)
+    df = df[["sample_id", "date", *site.bands.s2, "label", "split", "x", "y", "epsg", "season_year"]]
+    samples = long_table_to_samples(df, source="Earth Engine sample export")
+    samples.class_names = {c.code: c.name for c in legend.classes}
+    return samples

@@ -1,0 +1,184 @@
+"""The ingest and labels stages of a ``source: gee`` site.
+
+ingest: one S2 and one S1 composite export per tile (:mod:`.builders`), run by the
+:class:`~.tasks.TaskManager` (state in ``RUN/gee/ingest-tasks.json``), read back into
+``cube/<tile>.zarr``. labels: CDL exports per tile (after checking the year is published and
+which bands it has), or the site's local parcel file rasterised on each tile grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ...cube import TileGrid
+from ...errors import DataError, SiteError
+from ...sites import Site
+from .client import Client, output_files
+from .tasks import Job, TaskManager
+from .tiles import ExportTile, export_name, site_tiles
+
+log = logging.getLogger(__name__)
+
+
+def make_client(site: Site) -> Client:
+    """The real client for ``site``: credentials checked now (one clear error if missing), Earth Engine initialised on first use."""
+    from .auth import initialize, load_credentials, require_auth
+    from .client import BucketExports, EarthEngineClient, LocalExports
+
+    gee = site.gee
+    if not gee.bucket:
+        raise SiteError(f"site {site.name!r} has no gee.bucket: Earth Engine exports need a Cloud Storage bucket",
+                        fix="set gee.bucket in the site file (gee.export_folder alone only reads exports already made)")
+    status = require_auth(gee.project)
+    exports = (LocalExports(gee.folder()) if gee.export_folder
+               else BucketExports(gee.bucket, status.project, credentials=lambda: load_credentials(status)))
+    return EarthEngineClient(status.project, exports, initialize=lambda: initialize(status))
+
+
+class GeeSource:
+    """Exports and read-back for one site and year through a :class:`~.client.Client`."""
+
+    def __init__(self, site: Site, year: int, client_factory: Callable[[Site], Client] = make_client):
+        self.site, self.year = site, year
+        self.tiles: list[ExportTile] = site_tiles(site)
+        self._client_factory = client_factory
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._client_factory(self.site)
+        return self._client
+
+    def name(self, kind: str, tile: str) -> str:
+        return export_name(self.site.gee.prefix, self.site.name, self.year, kind, tile)
+
+    def manager(self, state: Path, make_task) -> TaskManager:
+        g = self.site.gee
+        return TaskManager(self.client, state, make_task, max_pending=g.max_pending, max_attempts=g.max_attempts,
+                           max_split_depth=g.max_split_depth)
+
+    def _files(self, leaves: list[str], cache: Path) -> list[Path]:
+        paths = []
+        for leaf in leaves:
+            names = output_files(self.client.list_outputs(leaf), leaf)
+            if not names:
+                raise DataError(f"export {leaf} finished but its files are not in the export location",
+                                fix="check gee.bucket / gee.export_folder, or delete the run's gee/ folder and rerun")
+            paths += [self.client.fetch_output(n, cache) for n in names]
+        return paths
+
+    # ------------------------------------------------------------ cubes
+    def export_cubes(self, run_dir: Path) -> dict[str, dict[str, list[str]]]:
+        """Run the S2 (and S1) composite exports of every tile; tile -> kind -> leaf export names."""
+        from . import builders as b
+
+        periods = b.composite_periods(self.site.gee, self.year)
+        bands = {"s2": list(self.site.bands.s2), "s1": list(self.site.bands.s1)}
+
+        def make_task(job: Job):
+            region = b.tile_geometry(job.tile)
+            if job.kind == "s2":
+                return b.image_export(b.s2_composites(region, periods, self.site.gee, bands["s2"]), job.tile, job.name, self.site.gee, no_data=0)
+            return b.image_export(b.s1_composites(region, periods, self.site.gee, bands["s1"]), job.tile, job.name, self.site.gee,
+                                  no_data=b.S1_NODATA)
+
+        kinds = ["s2"] + (["s1"] if bands["s1"] else [])
+        jobs = [Job(self.name(k, t.name), k, t) for t in self.tiles for k in kinds]
+        mgr = self.manager(Path(run_dir) / "gee" / "ingest-tasks.json", make_task)
+        leaves = mgr.run(jobs)
+        self.eecu_seconds = mgr.eecu_seconds()
+        return {t.name: {k: leaves[self.name(k, t.name)] for k in kinds} for t in self.tiles}
+
+    def read_cube(self, tile: ExportTile, leaves: dict[str, list[str]], cache: Path) -> xr.Dataset:
+        from .builders import composite_periods
+        from .readback import composite_cube, read_shards
+
+        s2_files = self._files(leaves["s2"], cache)
+        s1_files = self._files(leaves["s1"], cache) if "s1" in leaves else []
+        s2 = read_shards(s2_files, tile.grid)
+        s1 = read_shards(s1_files, tile.grid) if s1_files else None
+        return composite_cube(s2, s1, composite_periods(self.site.gee, self.year), tile, self.site, self.year,
+                              sources=[*leaves["s2"], *leaves.get("s1", [])])
+
+    # ------------------------------------------------------------ labels
+    def check_cdl(self) -> tuple[bool, str]:
+        """Is the year's CDL published, and does it have a confidence band? Returns (has_confidence, note)."""
+        from . import builders as b
+
+        ids = [str(i) for i in self.client.get_info(b.cdl_year_ids())]
+        if str(self.year) not in ids:
+            latest = max(ids) if ids else "none"
+            raise DataError(f"USDA CDL {self.year} is not in Earth Engine yet (latest: {latest}; a year is published around Jan-Feb of the next)",
+                            fix=f"run an earlier --year (e.g. {latest}) or rerun once CDL {self.year} is published")
+        bands = list(self.client.get_info(b.cdl_band_names(self.year)))
+        if "cropland" not in bands:
+            raise DataError(f"USDA CDL {self.year} has no 'cropland' band (has {bands})", fix="choose another year")
+        has_conf = "confidence" in bands
+        rule = (f"confidence > {self.site.gee.cdl_confidence} and a uniform 3x3 window" if has_conf
+                else "a uniform 3x3 window (this year has no confidence band)")
+        return has_conf, f"CDL {self.year} bands {bands}; labels kept where {rule}"
+
+    def export_cdl(self, run_dir: Path) -> tuple[dict[str, list[str]], str]:
+        from . import builders as b
+
+        has_conf, note = self.check_cdl()
+        image = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
+        jobs = [Job(self.name("labels", t.name), "labels", t) for t in self.tiles]
+        mgr = self.manager(Path(run_dir) / "gee" / "labels-tasks.json",
+                           lambda job: b.image_export(image, job.tile, job.name, self.site.gee, no_data=0))
+        leaves = mgr.run(jobs)
+        return {t.name: leaves[self.name("labels", t.name)] for t in self.tiles}, note
+
+    def read_cdl(self, tile: ExportTile, leaves: list[str], cache: Path) -> np.ndarray:
+        from .readback import read_shards
+
+        return read_shards(self._files(leaves, cache), tile.grid)[0].astype(np.int32)
+
+
+# ---------------------------------------------------------------- local parcels
+def read_parcels(site: Site):
+    """The site's parcel file (Shapefile, GeoPackage, GeoParquet) in the site CRS, with its code column checked."""
+    import geopandas as gpd
+
+    p = site.parcels
+    path = p.resolved()
+    if not path.exists():
+        raise DataError(f"parcel file {str(path)!r} of site {site.name!r} does not exist", fix="download it or fix parcels.path")
+    try:
+        df = gpd.read_parquet(path) if path.suffix in (".parquet", ".geoparquet") else gpd.read_file(path, layer=p.layer)
+    except Exception as exc:  # pyogrio/pyarrow raise many kinds for a damaged or foreign file
+        raise DataError(f"cannot read parcel file {str(path)!r} ({type(exc).__name__})",
+                        fix="pass a Shapefile, GeoPackage or GeoParquet") from None
+    cols = [p.code_column] + ([p.id_column] if p.id_column else [])
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"parcel file {path.name} has no column(s) {missing} (has {[c for c in df.columns if c != 'geometry']})",
+                        fix="set parcels.code_column / parcels.id_column in the site file")
+    if df.crs is None:
+        raise DataError(f"parcel file {path.name} has no CRS", fix="add its .prj / CRS metadata")
+    codes = pd.to_numeric(df[p.code_column], errors="coerce")
+    bad = df.loc[codes.isna() & df[p.code_column].notna(), p.code_column]
+    if len(bad):
+        raise DataError(f"parcel file {path.name}: column {p.code_column} holds non-numeric code {bad.iloc[0]!r}",
+                        fix="use a numeric code column (RPG CODE_GROUP, EuroCrops EC_hcat_c)")
+    df[p.code_column] = codes.fillna(0).astype(np.int64)
+    return df.to_crs(site.crs)
+
+
+def rasterize_parcels(parcels, grid: TileGrid, code_column: str) -> np.ndarray:
+    """Parcel codes burnt onto ``grid`` (pixel centres inside a parcel; 0 = none), int32."""
+    from rasterio.features import rasterize
+
+    xmin, ymin, xmax, ymax = grid.bounds
+    sel = parcels.cx[xmin:xmax, ymin:ymax]
+    shapes = [(geom, int(code)) for geom, code in zip(sel.geometry, sel[code_column]) if geom is not None and not geom.is_empty]
+    if not shapes:
+        return np.zeros((grid.height, grid.width), dtype=np.int32)
+    return rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform, fill=0, dtype="int32")
