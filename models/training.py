@@ -55,8 +55,8 @@ class FitConfig:
     """Train only the ``decoder`` of the model (a frozen, e.g. pre-trained, encoder: linear probing)."""
     amp: bool = True
     """bfloat16 autocast on CUDA (ignored on CPU)."""
-    compile: bool = False
-    """``torch.compile`` the model on CUDA (falls back to eager if compilation fails)."""
+    compile: bool = True
+    """``torch.compile`` the model on CUDA (falls back to eager if compilation fails); ignored on CPU."""
     augment: Augment = field(default_factory=Augment)
 
 
@@ -277,7 +277,14 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
         total, n = 0.0, 0
         for idx, batch in prefetch(batches(order)):
             with autocast(device, cfg.amp):
-                logits = step_model(**batch)
+                try:
+                    logits = step_model(**batch)
+                except Exception as exc:  # noqa: BLE001 - a compiled graph that fails falls back to eager
+                    if step_model is model:
+                        raise
+                    log.warning("compiled model failed (%s: %s); training in eager mode", type(exc).__name__, exc)
+                    step_model = model
+                    logits = model(**batch)
             loss = loss_fn(logits.float(), y_t[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
