@@ -44,3 +44,16 @@ class StageError(CropmapError):
 
 class AuthError(CropmapError):
     """Earth Engine credentials or Cloud project missing or unusable."""
+
+
+class LockError(CropmapError):
+    """Another live run holds the run directory's lock."""
+
+
+class NotReadyError(CropmapError):
+    """No year of the site has its inputs and labels available yet: nothing to run, try later.
+
+    Exits 75 (``EX_TEMPFAIL`` of sysexits.h), so a scheduler can tell "wait" from "failed".
+    """
+
+    exit_code = 75

@@ -110,3 +110,27 @@ def sha256_path(path: Path, chunk: int = 1 << 20) -> str:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def link_output(src: Path, dst: Path) -> None:
+    """Make ``dst`` a hard-linked copy of the file or tree ``src`` (a real copy across filesystems), atomically."""
+    src, dst = Path(src), Path(dst)
+
+    def one(a: Path, b: Path) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        with atomic_path(dst, is_dir=True) as tmp:
+            for p in sorted(src.rglob("*")):
+                q = tmp / p.relative_to(src)
+                if p.is_dir():
+                    q.mkdir(parents=True, exist_ok=True)
+                else:
+                    q.parent.mkdir(parents=True, exist_ok=True)
+                    one(p, q)
+    else:
+        with atomic_path(dst) as tmp:
+            one(src, tmp)

@@ -16,7 +16,9 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from typing import Any
 import cropmap
 
 from .errors import CropmapError, StageError
-from .fsio import ensure_writable_dir, sha256_path, write_json
+from .fsio import ensure_writable_dir, link_output, sha256_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,42 @@ def _environment() -> dict[str, str]:
     }
 
 
+SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|PRIVATE|API_?KEY|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables whose names say they hold a secret (long enough to be one)."""
+    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8]
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """``obj`` with every occurrence of a secret environment value replaced by ``***`` (a safety net:
+    no stage is meant to record credentials)."""
+    secrets = secret_values() if secrets is None else secrets
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for v in secrets:
+            obj = obj.replace(v, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact(v, secrets) for v in obj]
+    return obj
+
+
 class Runner:
     """Runs stages in order, recording each in ``run_dir/run.json``."""
 
     def __init__(self, run_dir: Path, header: dict[str, Any], on_event: Callable[[str, str, dict], None] | None = None,
-                 progress: Callable[[str, int | None], Any] | None = None, force: bool = False):
+                 progress: Callable[[str, int | None], Any] | None = None, force: bool = False,
+                 reuse_from: Path | None = None, on_save: Callable[[dict[str, Any]], None] | None = None):
         self.run_dir = ensure_writable_dir(Path(run_dir))
+        self.on_save = on_save
+        self.reuse_from = Path(reuse_from) if reuse_from is not None else None
+        self.reuse: dict[str, Any] = ((load_manifest(self.reuse_from) or {}).get("stages", {})
+                                      if self.reuse_from is not None and not force else {})
         self.header = header
         self.on_event = on_event or (lambda *a: None)
         self.progress = progress
@@ -137,11 +169,14 @@ class Runner:
         return self.run_dir / MANIFEST
 
     def _save(self) -> None:
-        write_json(self.path, self.manifest)
+        doc = redact(self.manifest)  # a copy when there is anything to redact: records stay live
+        write_json(self.path, doc)
+        if self.on_save is not None:
+            self.on_save(doc)
 
-    def _outputs_intact(self, record: dict[str, Any]) -> bool:
+    def _outputs_intact(self, record: dict[str, Any], run_dir: Path | None = None) -> bool:
         for out in record.get("outputs", {}).values():
-            p = self.run_dir / out["path"]
+            p = (run_dir or self.run_dir) / out["path"]
             if not p.exists() or sha256_path(p) != out["sha256"]:
                 return False
         return True
@@ -162,8 +197,20 @@ class Runner:
                 record = {**prev, "status": "done", "skipped": True}
                 self.manifest["stages"][stage.name] = record
                 self.on_event(stage.name, "skipped", record)
+            elif (reused := self.reuse.get(stage.name)) and reused.get("status") == "done" and reused.get("fingerprint") == fp \
+                    and self._outputs_intact(reused, self.reuse_from):
+                linked: set[str] = set()
+                for out in sorted(reused["outputs"].values(), key=lambda o: o["path"]):
+                    if not any(out["path"].startswith(p + "/") for p in linked):
+                        link_output(self.reuse_from / out["path"], self.run_dir / out["path"])
+                        linked.add(out["path"])
+                record = {**reused, "status": "done", "skipped": True, "reused_from": self.reuse_from.name}
+                self.manifest["stages"][stage.name] = record
+                self._save()
+                self.on_event(stage.name, "skipped", record)
             else:
-                record = {"status": "running", "skipped": False, "started": _now(), "fingerprint": fp, "config": stage.config}
+                record = {"status": "running", "skipped": False, "started": _now(), "fingerprint": fp, "config": stage.config,
+                          "inputs": {str(p): _file_fingerprint(p) for p in sorted(stage.inputs, key=str)}}
                 self.manifest["stages"][stage.name] = record
                 self._save()
                 self.on_event(stage.name, "started", record)

@@ -32,6 +32,7 @@ from cropmap.models.metrics import summarize_runs
 from cropmap.models.training import FitConfig
 
 from . import report as report_mod
+from . import season, transfer
 from .cube import open_cube, write_cube
 from .errors import StageError
 from .evaluate import metrics_for, predict_samples
@@ -79,9 +80,13 @@ def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
 
 
 def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None,
-                 gee_client=None) -> tuple[list[Stage], Legend]:
+                 gee_client=None, until: str | None = None, transfer_from: Path | None = None,
+                 compare_scratch: bool = True, previous_map: Path | None = None) -> tuple[list[Stage], Legend]:
     """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
-    Earth Engine client of a ``source: gee`` site (tests use the fake one)."""
+    Earth Engine client of a ``source: gee`` site (tests use the fake one). ``until`` (MM-DD) cuts
+    every series at that day of its year (early season, :mod:`.season`); ``transfer_from`` (last
+    year's ``models/``) initialises training and adds the ``transfer`` comparison stage
+    (:mod:`.transfer`); ``previous_map`` (last year's crop map) adds year-over-year changes to the report."""
     legend = load_legend(site.legend)
     tr = site.training
     if epochs is not None:
@@ -109,6 +114,15 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
 
         def read_codes(ctx, tid):
             return read_label_raster(site, tid)
+
+    cut = season.parse_until(until)
+    if cut is not None:
+        read_full = read_cube
+
+        def read_cube(ctx, tid, tyear):
+            cube, notes = read_full(ctx, tid, tyear)
+            cube, note = season.cut_cube(cube, tyear, cut)
+            return cube, notes + note
 
     legend_doc = legend.model_dump()
 
@@ -217,6 +231,12 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                           queue_size=p["queue_size"], best_val_infonce=p["best_val_infonce"], seconds=p["seconds"])
         return {"encoder": "pretrain/encoder", "unlabelled": "samples/unlabelled"}
 
+    def fit_config(seed: int) -> FitConfig:
+        return FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
+                         device=device or "auto", class_weighting=tr.class_weighting, loss=tr.loss,
+                         focal_gamma=tr.focal_gamma, patience=tr.patience, freeze_encoder=pretraining and pre.freeze_encoder,
+                         augment=tr.augment())
+
     def train(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
         encoder = ctx.upstream["pretrain"]["encoder"] if pretraining else None
@@ -227,12 +247,10 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         for seed in tr.split_seeds:
             split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
             idx = split_indices(samples, split, seed)
-            cfg = FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
-                            device=device or "auto", class_weighting=tr.class_weighting, loss=tr.loss,
-                            focal_gamma=tr.focal_gamma, patience=tr.patience, freeze_encoder=pretraining and pre.freeze_encoder,
-                            augment=tr.augment())
+            cfg = fit_config(seed)
+            init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
             meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
-                               model_options=tr.model_options, fit_config=cfg, pretrained=encoder,
+                               model_options=tr.model_options, fit_config=cfg, pretrained=init,
                                extra_files={"split.json": split.to_dict()},
                                extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
                                on_epoch=(lambda row: tick(1)) if tick else None)
@@ -296,25 +314,38 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
     def report(ctx: StageContext) -> dict[str, str]:
         metrics = json.loads(ctx.upstream["evaluate"]["metrics"].read_text())
         report_mod.write_report(ctx.path("report.html"), site=site, year=year, legend=legend, metrics=metrics,
-                                preview=ctx.upstream["predict"]["preview"], run_dir=ctx.run_dir)
+                                preview=ctx.upstream["predict"]["preview"], run_dir=ctx.run_dir,
+                                map_path=ctx.upstream["predict"]["map"], labels_dir=ctx.upstream["labels"]["labels"],
+                                label_tiles=[t for t, _ in mapped], previous_map=previous_map,
+                                transfer=ctx.upstream["transfer"]["transfer"] if "transfer" in ctx.upstream else None)
         return {"report": "report.html"}
 
     common = {"site": site.name, "year": year}
     source_cfg = ({"gee": site.gee.model_dump(), "parcels": site.parcels.model_dump() if site.parcels else None}
                   if site.source == "gee" else {"label_variable": site.local.label_variable})
     stages = [
-        Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(),
+        Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(), **({"until": list(cut)} if cut else {}),
                                                               "cloud_mask": site.cloud_mask.model_dump(), **source_cfg}),
         Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc, **source_cfg}),
         Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
         *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
                                                                  "model_options": tr.model_options, **site.tensors.model_dump()})]
           if pretraining else []),
-        Stage("train", train, after=["tensors", *(["pretrain"] if pretraining else [])], config={"training": tr.model_dump()}),
+        Stage("train", train, after=["tensors", *(["pretrain"] if pretraining else [])], config={"training": tr.model_dump(),
+              **({"transfer_from": str(transfer_from)} if transfer_from is not None else {})},
+              inputs=[transfer_from] if transfer_from is not None else []),
+        *([transfer.transfer_stage(year=year, year_tiles={t for t, _ in mapped}, seeds=tr.split_seeds, previous=transfer_from,
+                                   split_indices=split_indices, fit_config=fit_config, device=device,
+                                   train=lambda ctx, smp, a, b, out, cfg: train_model(
+                                       smp, a, b, out, model_name=tr.model, model_options=tr.model_options, fit_config=cfg,
+                                       pretrained=ctx.upstream["pretrain"]["encoder"] if pretraining else None),
+                                   after=["tensors", "train", *(["pretrain"] if pretraining else [])], config={"seeds": tr.split_seeds, "training": tr.model_dump()})]
+          if transfer_from is not None and compare_scratch else []),
         Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
                                                                       "crs": site.crs, "legend": legend_doc}),
         Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
-        Stage("report", report, after=["predict", "evaluate"], config=common),
+        Stage("report", report, after=["labels", "predict", "evaluate", *(["transfer"] if transfer_from is not None and compare_scratch else [])],
+              config={**common, "report": report_mod.REPORT_VERSION}, inputs=[previous_map] if previous_map is not None else []),
     ]
     return stages, legend
 
