@@ -65,16 +65,21 @@ def sites() -> None:
 @app.command()
 def run(
     site: str = typer.Option(..., "--site", help="Site name (see `cropmap sites`)."),
-    year: int | None = typer.Option(None, "--year", help="Season year (default: the site's default year)."),
+    year: str | None = typer.Option(None, "--year", help="Season year (default: the site's default year), or `auto`: the latest year whose inputs and labels are available (exit 75 when none is yet)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Output root; the run goes to OUT/SITE/YEAR."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override the site's training epochs."),
-    force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged."),
+    force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged (as a new run version)."),
+    until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
+    transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
 ) -> None:
-    """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report."""
+    """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report.
+
+    Runs are versioned under OUT/SITE/YEAR/versions/ (OUT/SITE/YEAR/run.json describes the current one) and locked."""
     _setup(_state["debug"])
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from . import production
     from .runner import Runner
     from .sites import load_site
     from .workflow import build_stages
@@ -82,10 +87,15 @@ def run(
     t0 = time.perf_counter()
     _check_device(device)
     s = load_site(site)
-    y = s.resolve_year(year)
-    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs)
-    run_dir = out / s.name / str(y)
     console = _console()
+    y, notes = production.resolve_year(s, year)
+    for note in notes:
+        console.print(f"  [yellow]note:[/yellow] {note}")
+    opts = production.run_options(s, y, out, until=until, transfer=transfer)
+    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, **opts.stage_args)
+    for note in opts.notes:
+        console.print(f"  [yellow]note:[/yellow] {note}")
+    run_dir = production.run_dir(out, s.name, y)
     _threads()
     with Progress(TextColumn("  {task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -102,19 +112,27 @@ def run(
                 for note in record.get("report", {}).get("notes", []):
                     console.print(f"  [yellow]note:[/yellow] {note}")
 
-        runner = Runner(run_dir, {"site": s.name, "year": y, "command": " ".join(["cropmap", *sys.argv[1:]])},
-                        on_event=on_event, progress=make_progress, force=force)
-        manifest = _run_stages(runner, stages, lambda done: {
-            "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
-            "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
-            "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
-        })
-    metrics = json.loads((run_dir / manifest["outputs"]["metrics"]).read_text())
+        with production.locked(run_dir) as versioned:
+            plan, header = versioned(stages, {"site": s.name, "year": y, "command": " ".join(["cropmap", *sys.argv[1:]]), **opts.header}, force)
+            console.print(f"[dim]  run version {plan.name}{' (existing)' if plan.existing else ''}{f', reusing unchanged stages of {plan.reuse_from.name}' if plan.reuse_from else ''}[/dim]")
+            runner = Runner(plan.dir, header, on_event=on_event, progress=make_progress, reuse_from=plan.reuse_from,
+                            on_save=lambda doc: production.publish(plan, doc))
+            manifest = _run_stages(runner, stages, lambda done: {
+                "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
+                "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
+                "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
+                **({"transfer": done["transfer"]["transfer"]} if "transfer" in done else {}),
+            })
+    metrics = json.loads((plan.dir / manifest["outputs"]["metrics"]).read_text())
     b, cmp = metrics["baseline"], metrics["comparison"]
     console.print(f"\n[bold]{s.name} {y}[/bold] done in {time.perf_counter() - t0:.0f} s ({run_dir / 'run.json'})")
     console.print(f"  held-out parcels, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
                   f"macro F1 {metrics['macro_f1']:.3f}; random forest OA {b['overall_accuracy']:.3f} ± {b['overall_accuracy_std']:.3f}, "
                   f"macro F1 {b['macro_f1']:.3f} (gain {cmp['overall_accuracy_gain']:+.3f})")
+    if "transfer" in manifest["outputs"]:
+        g = json.loads((plan.dir / manifest["outputs"]["transfer"]).read_text()).get("mean_gain") or {}
+        if g:
+            console.print(f"  initialised from {y - 1}: OA {g['overall_accuracy']:+.3f}, macro F1 {g['macro_f1']:+.3f} vs training from scratch ({y} tiles' test pixels)")
     for key in ("map", "confidence", "preview", "metrics", "model", "report"):
         console.print(f"  {key:<10} {run_dir / manifest['outputs'][key]}")
 
@@ -307,6 +325,72 @@ def export_samples(
     s = load_samples(samples)
     write_long_table(s, out)
     typer.echo(f"{len(s)} samples, {int(s.offsets[-1])} observations -> {out}")
+
+
+@app.command("runs")
+def runs_cmd(
+    site: str | None = typer.Option(None, "--site", help="Only this site."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Output root of the runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list on stdout."),
+) -> None:
+    """List the run versions under OUT with their status (* = the current version of its year)."""
+    _setup(_state["debug"], quiet=as_json)
+    from .production import list_runs
+
+    rows = list_runs(out, site)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no runs under {out}" + (f" for site {site}" if site else ""))
+        return
+    for r in rows:
+        extra = "".join([f" stage={r['stage']}" if r["stage"] and r["status"] != "succeeded" else "",
+                         f" until={r['early_season_until']}" if r["early_season_until"] else "",
+                         f" transfer={r['transfer_from']}" if r["transfer_from"] else ""])
+        typer.echo(f"{'*' if r['current'] else ' '} {r['site']:<14} {r['year']} {r['version']:<4} {r['status']:<11} "
+                   f"{r['finished'] or r['started'] or '-':<25} code={r['code_version'] or '?'}{extra}")
+
+
+@app.command()
+def schedule(
+    site: str = typer.Option(..., "--site", help="Site to rerun (see `cropmap sites`)."),
+    at: str = typer.Option("0 6 * * 1", "--at", help="When, as a cron expression (default: Mondays 06:00)."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Output root of the scheduled runs."),
+    kind: str = typer.Option("cron", "--kind", help="cron, systemd or kubernetes."),
+    print_: bool = typer.Option(False, "--print", help="Print the entry."),
+    install: bool = typer.Option(False, "--install", help="Install it (crontab, or systemd user units)."),
+    image: str = typer.Option("cropmap:latest", "--image", help="Docker image (kubernetes)."),
+) -> None:
+    """Print or install a schedule for `cropmap run --site SITE --year auto` (cron, systemd timer, Kubernetes CronJob)."""
+    _setup(_state["debug"])
+    from . import schedule as sched
+    from .sites import load_site
+
+    if print_ == install:
+        raise CropmapError("pass exactly one of --print and --install", fix="--print shows the entry, --install adds it")
+    if kind not in sched.KINDS:
+        raise CropmapError(f"unknown --kind {kind!r}", fix=f"use one of: {', '.join(sched.KINDS)}")
+    load_site(site)
+    if kind == "cron":
+        entry = sched.cron_entry(site, at, out)
+        if print_:
+            typer.echo(entry)
+            return
+        sched.install_cron(entry, site)
+        typer.echo(f"installed in the crontab: {entry}")
+    elif kind == "systemd":
+        units = sched.systemd_units(site, at, out)
+        if print_:
+            for name, text in units.items():
+                typer.echo(f"# {name}\n{text}")
+            return
+        for line in sched.install_systemd(units, site):
+            typer.echo(line)
+    else:
+        if install:
+            raise CropmapError("--install does not apply a Kubernetes CronJob", fix="--print it and `kubectl apply -f` the output")
+        typer.echo(sched.kubernetes_cronjob(site, at, image))
 
 
 auth_app = typer.Typer(no_args_is_help=True, help="Earth Engine credentials for `source: gee` sites.")

@@ -73,7 +73,8 @@ class Legend(_Strict):
 
 
 class LocalTile(_Strict):
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Tile folder name in the archive; also names run files (``cube/<id>.zarr``), so no path separators."""
     year: int
 
 
@@ -144,6 +145,10 @@ class Training(_Strict):
     """Constructor options of the model (e.g. ``pooling: mean`` for STNet)."""
     pool_years: bool = False
     """Train on labelled tiles of every site year up to the run year (not only the run year)."""
+    transfer: Literal["none", "previous-year"] = "none"
+    """``previous-year``: initialise each model from last year's run of the same output root (when there is one)."""
+    transfer_compare_scratch: bool = True
+    """With ``transfer``, also train from scratch on the same splits and report the difference (the ``transfer`` stage)."""
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0)

@@ -229,3 +229,12 @@ def runs_table(out: Path, site: str | None = None) -> list[dict[str, Any]]:
                     "path": str(vdir),
                 })
     return rows
+
+
+def prepare(ydir: Path, stages: list[Stage], header: dict[str, Any], force: bool = False) -> tuple[Plan, dict[str, Any]]:
+    """Pick the version of a run (call with the year directory's lock held) and the manifest header recording it."""
+    migrate_legacy(ydir)
+    code = code_version()
+    key = version_key(stages, code)
+    plan = plan_version(ydir, key, force)
+    return plan, {**header, "version": plan.name, "version_key": key, "code_version": code}
