@@ -138,7 +138,7 @@ def plan_version(ydir: Path, key: str, force: bool = False) -> Plan:
             if doc and doc.get("version_key") == key:
                 return Plan(Path(ydir), name, key, True, None)
     n = max((_number(name) for name, _, _ in versions), default=0) + 1
-    cur = current_version(ydir)
+    cur = current_version(ydir) or next((name for name, _, doc in reversed(versions) if doc and doc.get("status") == "succeeded"), None)
     reuse = None if force or cur is None else Path(ydir) / VERSIONS / cur
     return Plan(Path(ydir), f"v{n}", key, False, reuse)
 
