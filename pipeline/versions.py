@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,4 +238,20 @@ def prepare(ydir: Path, stages: list[Stage], header: dict[str, Any], force: bool
     code = code_version()
     key = version_key(stages, code)
     plan = plan_version(ydir, key, force)
+    sweep_temporaries(plan.dir)
     return plan, {**header, "version": plan.name, "version_key": key, "code_version": code}
+
+
+def sweep_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporaries (``.NAME.*.tmp``) a killed run left behind; call with the lock held (no live writer)."""
+    gone = []
+    if Path(run_dir).is_dir():
+        for p in sorted(Path(run_dir).rglob(".*.tmp"), key=lambda q: -len(q.parts)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+            gone.append(p)
+    if gone:
+        log.warning("removed %d temporary file(s) of an interrupted run in %s", len(gone), run_dir)
+    return gone
