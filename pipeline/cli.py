@@ -114,7 +114,6 @@ def run(
 
         with production.locked(run_dir) as versioned:
             plan, header = versioned(stages, {"site": s.name, "year": y, "command": " ".join(["cropmap", *sys.argv[1:]]), **opts.header}, force)
-            console.print(f"[dim]  run version {plan.name}{' (existing)' if plan.existing else ''}{f', reusing unchanged stages of {plan.reuse_from.name}' if plan.reuse_from else ''}[/dim]")
             runner = Runner(plan.dir, header, on_event=on_event, progress=make_progress, reuse_from=plan.reuse_from,
                             on_save=lambda doc: production.publish(plan, doc))
             manifest = _run_stages(runner, stages, lambda done: {
@@ -125,7 +124,8 @@ def run(
             })
     metrics = json.loads((plan.dir / manifest["outputs"]["metrics"]).read_text())
     b, cmp = metrics["baseline"], metrics["comparison"]
-    console.print(f"\n[bold]{s.name} {y}[/bold] done in {time.perf_counter() - t0:.0f} s ({run_dir / 'run.json'})")
+    reused = f", unchanged stages linked from {plan.reuse_from.name}" if plan.reuse_from else ""
+    console.print(f"\n[bold]{s.name} {y}[/bold] done in {time.perf_counter() - t0:.0f} s ({run_dir / 'run.json'}; run version {plan.name}{reused})")
     console.print(f"  held-out parcels, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
                   f"macro F1 {metrics['macro_f1']:.3f}; random forest OA {b['overall_accuracy']:.3f} ± {b['overall_accuracy_std']:.3f}, "
                   f"macro F1 {b['macro_f1']:.3f} (gain {cmp['overall_accuracy_gain']:+.3f})")
