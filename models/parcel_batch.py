@@ -106,11 +106,13 @@ def subsample_dates(data: ParcelSets, fraction: float, seed: int, sensor: str = 
     return data.with_sensor(sensor, s.keep_rows(keep))
 
 
-def cut_until(data: ParcelSets, day: float) -> ParcelSets:
-    """Every sensor's dates up to and including day offset ``day`` (early-season mapping)."""
+def cut_until(data: ParcelSets, day: float | np.ndarray) -> ParcelSets:
+    """Every sensor's dates up to and including day offset ``day`` (early-season mapping); ``day``
+    is one value or one per parcel (parcels of different season years)."""
     out = data
+    per_parcel = np.broadcast_to(np.asarray(day, np.float64), (len(data),))
     for name, s in data.sensors.items():
-        out = out.with_sensor(name, s.keep_rows(np.asarray(s.days) <= day))
+        out = out.with_sensor(name, s.keep_rows(np.asarray(s.days) <= np.repeat(per_parcel, s.lengths)))
     return out
 
 

@@ -43,20 +43,32 @@ class SensorInput:
 
 
 class _MaskedBatchNorm(nn.Module):
-    """BatchNorm1d over the feature axis computed on the real entries only (padding never enters the statistics)."""
+    """Batch normalisation over the last axis whose statistics come from the real entries only
+    (padded pixels and dates never enter them); running statistics as in ``nn.BatchNorm1d``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm1d(dim)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.momentum, self.eps = momentum, eps
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        flat, m = x.reshape(-1, x.shape[-1]), mask.reshape(-1)
-        out = torch.zeros_like(flat)
-        if m.any():
-            sel = flat[m]
-            # BatchNorm needs >1 value per channel in training; a lone entry is passed through unnormalised
-            out[m] = self.bn(sel) if (sel.shape[0] > 1 or not self.training) else sel
-        return out.reshape(x.shape)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        dims = tuple(range(x.dim() - 1))
+        n = w.sum()
+        if self.training and n > 1:
+            mean = (x * w).sum(dims) / n
+            var = (((x - mean) ** 2) * w).sum(dims) / n
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        # padded entries get values too; every consumer masks them out (pooling weights, attention mask)
+        return torch.addcmul(self.bias - mean * scale, x, scale)
 
 
 class _MLP(nn.Module):
@@ -73,7 +85,7 @@ class _MLP(nn.Module):
         for i, (lin, norm) in enumerate(zip(self.linears, self.norms)):
             x = norm(lin(x), mask)
             if i < n - 1 or self.last_relu:
-                x = torch.relu(x)
+                x = torch.relu_(x)
         return x
 
 

@@ -70,6 +70,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override the site's training epochs."),
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged."),
+    level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report."""
     _setup(_state["debug"])
@@ -81,9 +82,12 @@ def run(
 
     t0 = time.perf_counter()
     _check_device(device)
+    if level not in (None, "pixel", "parcel"):
+        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
     s = load_site(site)
     y = s.resolve_year(year)
-    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs)
+    parcel_level = (level or s.level) == "parcel"
+    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level)
     run_dir = out / s.name / str(y)
     console = _console()
     _threads()
@@ -104,7 +108,9 @@ def run(
 
         runner = Runner(run_dir, {"site": s.name, "year": y, "command": " ".join(["cropmap", *sys.argv[1:]])},
                         on_event=on_event, progress=make_progress, force=force)
-        manifest = _run_stages(runner, stages, lambda done: {
+        from .parcel_workflow import parcel_outputs
+
+        manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
             "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
             "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
             "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
@@ -115,7 +121,7 @@ def run(
     console.print(f"  held-out parcels, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
                   f"macro F1 {metrics['macro_f1']:.3f}; random forest OA {b['overall_accuracy']:.3f} ± {b['overall_accuracy_std']:.3f}, "
                   f"macro F1 {b['macro_f1']:.3f} (gain {cmp['overall_accuracy_gain']:+.3f})")
-    for key in ("map", "confidence", "preview", "metrics", "model", "report"):
+    for key in ("map", "confidence", "preview", *(["parcel_map"] if parcel_level else []), "metrics", "model", "report"):
         console.print(f"  {key:<10} {run_dir / manifest['outputs'][key]}")
 
 
@@ -185,6 +191,11 @@ def train(
     batch_size: int = typer.Option(256, "--batch-size", min=2),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Training augmentations (the site defaults: time shift, band offsets, cloud/shadow noise, missing-band patterns)."),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint of an interrupted training of the same --out and start again."),
+    fusion: str = typer.Option("none", "--fusion", help="Parcel models: none, early, pse, tsa or decision (optical + radar fusion)."),
+    sensors: str | None = typer.Option(None, "--sensors", help="Parcel models: s2, s1 or s1+s2 (default: s2 without fusion, s1+s2 with)."),
+    alignment: str = typer.Option("nn", "--alignment", help="Parcel early/pse fusion: S1 on S2 dates by nn (nearest unused) or linear."),
+    s2_date_fraction: float | None = typer.Option(None, "--s2-date-fraction", help="Parcel models: keep this seeded random fraction of each parcel's S2 dates."),
+    until: str | None = typer.Option(None, "--until", help="Parcel models: early season, series end at this MM-DD of the season year."),
 ) -> None:
     """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw).
 
@@ -207,6 +218,22 @@ def train(
 
     _check_device(device)
     _threads()
+    from .parcels import is_parcel_store
+
+    if model == "psetae" or is_parcel_store(samples):
+        if model not in (None, "psetae"):
+            raise CropmapError(f"{str(samples)!r} is a parcel store; model {model!r} is a pixel model", fix="use --model psetae, or pixel samples")
+        if pretrained is not None or label_fraction is not None or labels_per_class is not None or freeze_encoder:
+            raise CropmapError("--pretrained, --freeze-encoder, --label-fraction and --labels-per-class apply to pixel models only",
+                               fix="drop them for --model psetae")
+        _train_parcels(samples, out, fusion=fusion, sensors=sensors or ("s2" if fusion == "none" else "s1+s2"), alignment=alignment,
+                       s2_date_fraction=s2_date_fraction, until=until, epochs=epochs, patience=patience, lr=lr,
+                       loss=loss if loss != "ce" or "--loss" in sys.argv else "focal", class_weighting=class_weighting,
+                       batch_size=batch_size, seed=seed, device=device)
+        return
+    if fusion != "none" or sensors or s2_date_fraction is not None or until is not None:
+        raise CropmapError("--fusion, --sensors, --s2-date-fraction and --until apply to parcel models",
+                           fix="use --model psetae with a parcel store (runs/SITE/YEAR/samples/parcels)")
     name = model or (pretrained_model_name(pretrained) if pretrained else "stnet")
     data = load_samples(samples)
     tr, va = default_split(data, seed)
@@ -226,6 +253,36 @@ def train(
     resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
     console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
                   f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
+
+
+def _train_parcels(samples: Path, out: Path, *, fusion: str, sensors: str, alignment: str, s2_date_fraction: float | None,
+                   until: str | None, epochs: int, patience: int, lr: float, loss: str, class_weighting: str, batch_size: int,
+                   seed: int, device: str) -> None:
+    """`cropmap train --model psetae`: validation from the `split` column, else a seeded draw of parcels."""
+    import numpy as np
+
+    from cropmap.models.parcel_training import ParcelFitConfig
+
+    from .parcel_train import ParcelOptions, train_parcel_model
+    from .parcels import load_parcel_store
+    from .train import default_split
+
+    opts = ParcelOptions("psetae", fusion, sensors, alignment, s2_date_fraction, until)
+    opts.check()
+    data = load_parcel_store(samples)
+    if "split" in data.table.columns:
+        side = data.table["split"].astype(str).to_numpy()
+        tr, va = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
+    else:
+        tr, va = default_split(data, seed)
+    cfg = ParcelFitConfig(epochs=epochs, batch_size=min(batch_size, 128), lr=lr, loss=loss, class_weighting=class_weighting,
+                          patience=patience, seed=seed, device=device)
+    console = _console()
+    meta = train_parcel_model(data, tr, va, out, opts, cfg, extra_meta={"samples": str(samples)},
+                              on_epoch=lambda r: console.print(f"  epoch {r['epoch']:3d} loss {r['train_loss']:.4f}"
+                                                               + (f"  val mIoU {r['val_miou']:.3f}" if "val_miou" in r else "")))
+    console.print(f"parcel model written to {out} (psetae, fusion {fusion}, sensors {sensors}, {len(meta['classes'])} classes, "
+                  f"{meta['data']['n_train']} training parcels, best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']})")
 
 
 @app.command()
@@ -276,15 +333,30 @@ def evaluate(
     samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     device: str = typer.Option("auto", "--device"),
+    s2_date_fraction: float | None = typer.Option(None, "--s2-date-fraction", help="Parcel models: override the model's sparse-S2 fraction."),
+    until: str | None = typer.Option(None, "--until", help="Parcel models: override the model's early-season cut (MM-DD)."),
 ) -> None:
     """Evaluate a model on labelled samples (all samples passed)."""
     _setup(_state["debug"], quiet=as_json)
     from .evaluate import evaluate_model
+    from .parcel_train import evaluate_parcel_model, is_parcel_model
+    from .parcels import is_parcel_store, load_parcel_store
     from .samples import load_samples
 
     _check_device(device)
     _threads()
-    m = evaluate_model(model, load_samples(samples), None if device == "auto" else device)
+    dev = None if device == "auto" else device
+    if is_parcel_model(model) or is_parcel_store(samples):
+        if not is_parcel_model(model):
+            raise CropmapError(f"{str(samples)!r} is a parcel store but {str(model)!r} is not a parcel model", fix="pass a model of `cropmap train --model psetae`")
+        if not is_parcel_store(samples):
+            raise CropmapError(f"{str(model)!r} is a parcel model but {str(samples)!r} is not a parcel store",
+                               fix="pass runs/SITE/YEAR/samples/parcels (made by `cropmap run --level parcel`)")
+        m = evaluate_parcel_model(model, load_parcel_store(samples), dev, s2_date_fraction=s2_date_fraction, until=until)
+    elif s2_date_fraction is not None or until is not None:
+        raise CropmapError("--s2-date-fraction and --until apply to parcel models", fix="pass a parcel model and parcel store")
+    else:
+        m = evaluate_model(model, load_samples(samples), dev)
     if as_json:
         typer.echo(json.dumps(m))
         return

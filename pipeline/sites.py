@@ -178,6 +178,34 @@ class Training(_Strict):
         return Augment(self.jitter_days, self.offset_std, self.date_noise_p, self.band_drop_p)
 
 
+class ParcelTraining(_Strict):
+    """The parcel path (``level: parcel`` or ``cropmap run --level parcel``): PSE-TSA on parcel pixel sets."""
+
+    model: Literal["psetae"] = "psetae"
+    fusion: Literal["none", "early", "pse", "tsa", "decision"] = "tsa"
+    sensors: Literal["s2", "s1", "s1+s2"] = "s1+s2"
+    alignment: Literal["nn", "linear"] = "nn"
+    """S1 -> S2 date alignment of early and PSE fusion: nearest unused date or linear interpolation."""
+    s2_date_fraction: float | None = Field(default=None, gt=0, le=1)
+    until: str | None = Field(default=None, pattern=r"^\d\d-\d\d$")
+    """Early-season experiment: series end at this MM-DD of the season year."""
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=16, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    loss: Literal["ce", "focal"] = "focal"
+    focal_gamma: float = Field(default=1.0, ge=0)
+    class_weighting: Literal["sqrt", "balanced", "none"] = "none"
+    patience: int = Field(default=20, ge=1)
+    sample_pixels: int = Field(default=32, ge=1)
+    """Pixels drawn per parcel and training step (the study: 64)."""
+    max_pixels: int = Field(default=64, ge=1)
+    """Pixels stored per parcel (a seeded random draw); evaluation uses all of them."""
+    min_clear_fraction: float = Field(default=0.5, gt=0, le=1)
+    """An optical date is kept for a parcel when at least this fraction of its pixels is clear."""
+    s1_window_days: int = Field(default=12, ge=0, le=60)
+    """Radar acquisitions averaged (in linear power) over this many days (0: raw acquisitions)."""
+
+
 class Parcels(_Strict):
     path: str
     """Parcel file (Shapefile, GeoPackage or GeoParquet), relative to ``regions/`` or absolute; kept local."""
@@ -283,6 +311,9 @@ class Site(_Strict):
     cloud_mask: CloudMask = Field(default_factory=CloudMask)
     tensors: Tensors = Field(default_factory=Tensors)
     training: Training = Field(default_factory=Training)
+    level: Literal["pixel", "parcel"] = "pixel"
+    """``parcel``: ``cropmap run`` maps parcels (PSE-TSA, ``parcel:``) instead of pixels."""
+    parcel: ParcelTraining = Field(default_factory=ParcelTraining)
 
     @field_validator("name")
     @classmethod

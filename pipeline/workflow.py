@@ -79,9 +79,11 @@ def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
 
 
 def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None,
-                 gee_client=None) -> tuple[list[Stage], Legend]:
+                 gee_client=None, level: str | None = None) -> tuple[list[Stage], Legend]:
     """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
-    Earth Engine client of a ``source: gee`` site (tests use the fake one)."""
+    Earth Engine client of a ``source: gee`` site (tests use the fake one). ``level`` (default: the
+    site's ``level``) ``parcel`` replaces the stages after labels by the parcel stages
+    (:mod:`cropmap.pipeline.parcel_workflow`)."""
     legend = load_legend(site.legend)
     tr = site.training
     if epochs is not None:
@@ -294,9 +296,11 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return {"metrics": "metrics.json"}
 
     def report(ctx: StageContext) -> dict[str, str]:
-        metrics = json.loads(ctx.upstream["evaluate"]["metrics"].read_text())
+        evaluated, predicted = (ctx.upstream["evaluate"], ctx.upstream["predict"]) if "evaluate" in ctx.upstream else \
+            (ctx.upstream["parcel_evaluate"], ctx.upstream["parcel_predict"])
+        metrics = json.loads(evaluated["metrics"].read_text())
         report_mod.write_report(ctx.path("report.html"), site=site, year=year, legend=legend, metrics=metrics,
-                                preview=ctx.upstream["predict"]["preview"], run_dir=ctx.run_dir)
+                                preview=predicted["preview"], run_dir=ctx.run_dir)
         return {"report": "report.html"}
 
     common = {"site": site.name, "year": year}
@@ -316,6 +320,12 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
         Stage("report", report, after=["predict", "evaluate"], config=common),
     ]
+    if (level or site.level) == "parcel":
+        from .parcel_workflow import parcel_stages
+
+        stages = [*stages[:2], *parcel_stages(site, year, legend, tiles=tiles, mapped=mapped, trained=trained, device=device,
+                                              epochs=epochs, common=common),
+                  Stage("report", report, after=["parcel_predict", "parcel_evaluate"], config={**common, "level": "parcel"})]
     return stages, legend
 
 
