@@ -7,7 +7,7 @@ test fraction, train-only single-parcel classes) and evaluates on its held-out p
 table of OA / mIoU / kappa / macro F1 (mean ± sample std over seeds), for all S2 dates and for
 sparse S2 (``--s2-date-fraction``, default 20 % of each parcel's dates, seeded random).
 
-    python benchmarks/parcel_fusion.py [--seeds 0 1 2] [--epochs 30] [--cache /tmp/cropmap-parcel-bench]
+    python benchmarks/parcel_fusion.py [--seeds 0 1 2] [--epochs 30] [--sample-pixels 32] [--cache /tmp/cropmap-parcel-bench]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--s2-date-fraction", type=float, default=0.2)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/cropmap-parcel-bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "parcel_fusion.json")
+    ap.add_argument("--sample-pixels", type=int, default=None, help="pixels drawn per parcel and step (default: the site's)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -72,7 +73,7 @@ def main() -> None:
                 side = {k: np.array(sorted(pos[p] for p, s in split.assignment.items() if s == k), np.int64) for k in ("train", "val", "test")}
                 opts = ParcelOptions("psetae", fusion, sensors, pc.alignment, fraction, None)
                 cfg = ParcelFitConfig(epochs=epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
-                                      class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, seed=seed, device=args.device)
+                                      class_weighting=pc.class_weighting, sample_pixels=args.sample_pixels or pc.sample_pixels, seed=seed, device=args.device)
                 mdir = args.cache / "models" / f"{fusion}-{sensors}-{fraction}-{seed}"
                 meta = train_parcel_model(samples, side["train"], side["val"], mdir, opts, cfg)
                 m = evaluate_parcel_model(mdir, samples.subset(side["test"]))

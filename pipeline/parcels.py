@@ -341,7 +341,7 @@ def rasterize_tile_parcels(gdf, transform, height: int, width: int) -> tuple[np.
         if (k + 1) in counts:
             continue
         pt = gdf.geometry.iloc[k].representative_point()
-        col, row = (int(np.floor(v)) for v in inv * (pt.x, pt.y))
+        col, row = (int(np.floor(v)) for v in inv @ (pt.x, pt.y))
         if 0 <= row < height and 0 <= col < width:
             raster[row, col] = k + 1
             tiny.append(int(k))
