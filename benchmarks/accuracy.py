@@ -62,11 +62,11 @@ MODELS = ["stnet", "transformer", "ltae", "tempcnn", "lstm", "inceptiontime"]
 
 def demo_dataset(cache: Path) -> tuple[PixelSamples, PixelSamples, dict]:
     """(labelled pixels, unlabelled pixels, site recipe) of the demo site, built once into ``cache``."""
+    from cropmap.pipeline.cube import open_cube
     from cropmap.pipeline.runner import Runner
     from cropmap.pipeline.sites import load_site
     from cropmap.pipeline.tensors import concat_samples, unlabelled_samples
     from cropmap.pipeline.workflow import build_stages
-    from cropmap.pipeline.cube import open_cube
 
     site = load_site("demo")
     year = site.resolve_year(None)

@@ -41,7 +41,6 @@ DAY_BASE = 1000.0
 """Base of the sinusoidal day encoding of every zoo model (as STNet)."""
 
 
-
 def _convert(hint: Any, value: Any) -> Any:
     """Convert ``value`` to the plain type named by the type hint (``int``, ``list[float]``...)."""
     if typing.get_origin(hint) is list:
@@ -133,7 +132,6 @@ class PixelModelConfig:
             value = getattr(self, name)
             if value <= 0 or value % 2:
                 raise ValueError(f"{name} must be a positive even number, got {value}")
-
 
 
 class PixelClassifier(nn.Module):
