@@ -328,6 +328,11 @@ def _gee_readers(site: Site, src, legend: Legend):
     exported: dict[str, dict] = {}
 
     def read_cube(ctx: StageContext, tid: str, tyear: int):
+        if site.gee.cubes == "pixels":
+            cube = src.pixels_cube(tiles[tid])
+            st = src.pixel_stats
+            ctx.report["gee"] = {"pixel_requests": st.requests, "pixel_retries": st.retries, "pixel_splits": st.splits}
+            return cube, []
         if "cubes" not in exported:
             exported["cubes"] = src.export_cubes(ctx.run_dir)
             ctx.report["gee"] = {"exports": sum(len(v) for t in exported["cubes"].values() for v in t.values()),

@@ -61,6 +61,11 @@ def composite_periods(gee: Gee, year: int) -> list[Period]:
     return out
 
 
+def period_band_names(n_periods: int, bands: list[str]) -> list[str]:
+    """``p{p:03d}_<band>`` for every period, bands varying fastest (the composite images' band order)."""
+    return [f"p{i:03d}_{b}" for i in range(n_periods) for b in bands]
+
+
 def tile_geometry(tile: ExportTile) -> ee.Geometry:
     xmin, ymin, xmax, ymax = tile.grid.bounds
     return ee.Geometry.Rectangle([xmin, ymin, xmax, ymax], ee.Projection(tile.crs), False)

@@ -20,6 +20,7 @@ from ...cube import TileGrid
 from ...errors import DataError, SiteError
 from ...sites import Site
 from .client import Client, output_files
+from .pixels import FetchStats
 from .tasks import Job, TaskManager
 from .tiles import ExportTile, export_name, site_tiles
 
@@ -49,6 +50,8 @@ class GeeSource:
         self.tiles: list[ExportTile] = site_tiles(site)
         self._client_factory = client_factory
         self._client: Client | None = None
+        self.pixel_stats = FetchStats()
+        """computePixels requests, retries and splits of this source (reported by the ingest stage)."""
 
     @property
     def client(self) -> Client:
@@ -106,6 +109,25 @@ class GeeSource:
         s1 = read_shards(s1_files, tile.grid) if s1_files else None
         return composite_cube(s2, s1, composite_periods(self.site.gee, self.year), tile, self.site, self.year,
                               sources=[*leaves["s2"], *leaves.get("s1", [])])
+
+    def pixels_cube(self, tile: ExportTile) -> xr.Dataset:
+        """The cube of one tile fetched interactively (computePixels, no bucket round trip): the same
+        composites, grid and cube format as :meth:`read_cube` of the batch exports."""
+        from . import builders as b
+        from .pixels import fetch_pixels
+        from .readback import composite_cube
+
+        g = self.site.gee
+        periods = b.composite_periods(g, self.year)
+        region = b.tile_geometry(tile)
+        kw = dict(concurrency=g.max_concurrent_requests, max_split_depth=g.max_split_depth, stats=self.pixel_stats)
+        bands2, bands1 = list(self.site.bands.s2), list(self.site.bands.s1)
+        s2 = fetch_pixels(self.client, b.s2_composites(region, periods, g, bands2), tile.grid,
+                          b.period_band_names(len(periods), [*bands2, "clear"]), np.uint16, **kw)
+        s1 = (fetch_pixels(self.client, b.s1_composites(region, periods, g, bands1), tile.grid,
+                           b.period_band_names(len(periods), bands1), np.float32, **kw) if bands1 else None)
+        return composite_cube(s2, s1, periods, tile, self.site, self.year,
+                              sources=[f"computePixels:{k}/{tile.name}" for k in (["s2", "s1"] if bands1 else ["s2"])])
 
     # ------------------------------------------------------------ labels
     def check_cdl(self) -> tuple[bool, str]:
