@@ -108,7 +108,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             return read_tile(site, tid, tyear)
 
         def read_codes(ctx, tid):
-            return read_label_raster(site, tid)
+            return (*read_label_raster(site, tid), None)
 
     legend_doc = legend.model_dump()
 
@@ -141,8 +141,9 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         tables, unmapped = [], {}
         with atomic_path(out, is_dir=True) as tmp:
             for tid, tyear in tiles:
-                codes, grid = read_codes(ctx, tid)
-                tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform)
+                codes, grid, parcel_ids = read_codes(ctx, tid)
+                tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform,
+                                 parcel_ids=parcel_ids)
                 profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=f"EPSG:{grid.epsg}",
                                transform=grid.transform, compress="deflate")
                 with rasterio.open(tmp / f"{tid}_class.tif", "w", dtype="uint8", nodata=0, **profile) as ds:
@@ -155,7 +156,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             parcels = pd.concat(tables, ignore_index=True)
             parcels.to_parquet(tmp / "parcels.parquet", index=False)
         per_class = parcels.groupby("class_name").agg(parcels=("parcel_id", "size"), pixels=("n_pixels", "sum"))
-        ctx.report.update(parcels=int(len(parcels)), per_class=per_class.to_dict(orient="index"),
+        ctx.report.update(parcels=int(parcels["parcel_id"].nunique()), per_class=per_class.to_dict(orient="index"),
                           unmapped_source_codes=unmapped)
         ctx.report.update(ctx.report.pop("gee", {}))
         if unmapped:
@@ -322,7 +323,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
 def _gee_readers(site: Site, src, legend: Legend):
     """read_cube / read_codes of a ``source: gee`` site: the first call of a stage runs its exports
     (task manager, resumable), then each tile is read back from the exported files."""
-    from .ingest.gee.source import rasterize_parcels, read_parcels
+    from .ingest.gee.source import PARCEL_ID, burn_parcels, read_parcels
 
     tiles = {t.name: t for t in src.tiles}
     exported: dict[str, dict] = {}
@@ -345,11 +346,15 @@ def _gee_readers(site: Site, src, legend: Legend):
         if site.label_source == "parcels":
             if "parcels" not in exported:
                 exported["parcels"] = read_parcels(site)
-            return rasterize_parcels(exported["parcels"], tile.grid, site.parcels.code_column), tile.grid
+                if site.parcels.id_column:
+                    ctx.report["gee"] = {"notes": [f"parcel ids from column {site.parcels.id_column} of {site.parcels.resolved().name}"]}
+            codes, ids = burn_parcels(exported["parcels"], tile.grid, site.parcels.code_column,
+                                      PARCEL_ID if site.parcels.id_column else None)
+            return codes, tile.grid, ids
         if "cdl" not in exported:
             exported["cdl"], note = src.export_cdl(ctx.run_dir)
             ctx.report["gee"] = {"notes": [note]}
-        return src.read_cdl(tile, exported["cdl"][tid], ctx.run_dir / "gee" / "files"), tile.grid
+        return src.read_cdl(tile, exported["cdl"][tid], ctx.run_dir / "gee" / "files"), tile.grid, None
 
     return read_cube, read_codes
 

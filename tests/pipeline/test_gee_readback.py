@@ -15,7 +15,7 @@ from cropmap.pipeline.errors import DataError
 from cropmap.pipeline.ingest.gee import builders as b
 from cropmap.pipeline.ingest.gee.fake import DemoServer, FakeClient, write_shards
 from cropmap.pipeline.ingest.gee.readback import block_split, read_shards, samples_from_table
-from cropmap.pipeline.ingest.gee.source import GeeSource, rasterize_parcels, read_parcels
+from cropmap.pipeline.ingest.gee.source import GeeSource, parcel_ids, rasterize_parcels, read_parcels
 from cropmap.pipeline.ingest.gee.tiles import site_tiles
 from cropmap.pipeline.ingest.local import read_label_raster, read_tile
 from cropmap.pipeline.runner import Runner
@@ -183,3 +183,56 @@ def test_parcels_rasterised_on_the_tile_grid(tmp_path, sites_dir):
     write_site(sites_dir, bad)
     with pytest.raises(DataError, match=r"no column\(s\) \['CODE_CULTU'\].*set parcels.code_column"):
         read_parcels(load_site("demo-gee"))
+
+
+def test_parcel_ids_come_from_the_id_column(tmp_path, sites_dir, demo_local, ee_offline):
+    """RPG-style parcels (ID_PARCEL digit strings) built from the demo's own fields: the labels
+    stage keeps the file's ids, even for two adjacent fields of one crop that connected-region
+    recovery would merge into one parcel."""
+    import geopandas as gpd
+    from rasterio.features import geometry_mask, shapes
+    from shapely.geometry import box, shape
+
+    from cropmap.pipeline.labels import recover_parcels
+
+    _, _, (codes, lgrid) = demo_local
+    polys = [(shape(g), int(v)) for g, v in shapes(codes.astype(np.int32), mask=codes > 0, transform=lgrid.transform, connectivity=4)]
+    big, code = max(polys, key=lambda p: p[0].area)
+    xmin, ymin, xmax, ymax = big.bounds
+    xcut = xmin + round((xmax - xmin) / 20) * 10  # on a pixel edge
+    halves = [big.intersection(box(xmin, ymin, xcut, ymax)), big.intersection(box(xcut, ymin, xmax, ymax))]
+    rows = [(g, c) for g, c in polys if g is not big] + [(h, code) for h in halves]
+    ids = [f"{1_000_000 + 7 * k:09d}" for k in range(len(rows))]
+    gdf = gpd.GeoDataFrame({"ID_PARCEL": ids, "CODE": [c for _, c in rows]}, geometry=[g for g, _ in rows], crs="EPSG:32631")
+    gdf.to_file(tmp_path / "parcels.gpkg")
+    doc = gee_demo_doc(tmp_path / "exports")
+    doc.update(label_source="parcels", parcels={"path": str(tmp_path / "parcels.gpkg"), "code_column": "CODE", "id_column": "ID_PARCEL"})
+    write_site(sites_dir, doc)
+    site = load_site("demo-gee")
+    stages, _ = build_stages(site, 2019, gee_client=_client_factory(tmp_path / "exports", demo_local))
+    run_dir = tmp_path / "run"
+    manifest = Runner(run_dir, {"site": site.name, "year": 2019}).run([s for s in stages if s.name == "labels"], lambda done: {})
+    report = manifest["stages"]["labels"]["report"]
+    assert any("parcel ids from column ID_PARCEL" in n for n in report["notes"])
+    with rasterio.open(run_dir / "labels" / "x0000y0000_parcel.tif") as ds:
+        parcels = ds.read(1)
+    with rasterio.open(run_dir / "labels" / "x0000y0000_class.tif") as ds:
+        classes = ds.read(1)
+    lookup = load_legend("demo").source_lookup()
+    np.testing.assert_array_equal(classes, np.vectorize(lambda v: lookup.get(int(v), 0))(codes))
+    # every labelled pixel carries the id of the file's parcel that holds it
+    expected = np.zeros(codes.shape, np.int64)
+    for k, (g, _) in enumerate(rows):
+        expected[geometry_mask([g], codes.shape, lgrid.transform, invert=True)] = int(ids[k])
+    np.testing.assert_array_equal(parcels, np.where(classes > 0, expected, 0))
+    table = pd.read_parquet(run_dir / "labels" / "parcels.parquet")
+    assert set(table["parcel_id"]) == set(np.unique(parcels[parcels > 0])) <= {int(i) for i in ids}
+    left, right = int(ids[-2]), int(ids[-1])
+    assert lookup.get(code)  # the split field is of a mapped class
+    assert (parcels == left).sum() > 20 and (parcels == right).sum() > 20  # ... and stays two parcels
+    recovered = recover_parcels(np.where(classes > 0, codes, 0), 0)
+    assert len(np.unique(recovered[(parcels == left) | (parcels == right)])) == 1  # connected regions would merge them
+    assert report["parcels"] == len(table)
+    assert list(parcel_ids(pd.Series(["A-1", "7", "A-1"]), "f", "c")) == [1, 2, 1]  # non-numeric ids: numbered
+    with pytest.raises(DataError, match="column ID has 1 empty id.*unset parcels.id_column"):
+        parcel_ids(pd.Series(["1", None]), "f.gpkg", "ID")

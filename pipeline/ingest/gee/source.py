@@ -191,16 +191,46 @@ def read_parcels(site: Site):
         raise DataError(f"parcel file {path.name}: column {p.code_column} holds non-numeric code {bad.iloc[0]!r}",
                         fix="use a numeric code column (RPG CODE_GROUP, EuroCrops EC_hcat_c)")
     df[p.code_column] = codes.fillna(0).astype(np.int64)
+    if p.id_column:
+        df[PARCEL_ID] = parcel_ids(df[p.id_column], path.name, p.id_column)
     return df.to_crs(site.crs)
 
 
-def rasterize_parcels(parcels, grid: TileGrid, code_column: str) -> np.ndarray:
-    """Parcel codes burnt onto ``grid`` (pixel centres inside a parcel; 0 = none), int32."""
+PARCEL_ID = "_cropmap_parcel_id"
+"""Column of :func:`read_parcels` holding the positive integer parcel id taken from ``parcels.id_column``."""
+
+
+def parcel_ids(values: pd.Series, file: str, column: str) -> np.ndarray:
+    """Positive int64 parcel ids from an id column: the numbers themselves when every value is a
+    positive integer (RPG ``ID_PARCEL`` is a digit string), else 1..N in order of first appearance."""
+    if values.isna().any():
+        raise DataError(f"parcel file {file}: column {column} has {int(values.isna().sum())} empty id(s)",
+                        fix="fill the ids, or unset parcels.id_column to recover parcels from the raster")
+    nums = pd.to_numeric(values, errors="coerce")
+    if nums.notna().all() and (nums > 0).all() and (nums % 1 == 0).all() and nums.max() < 2**62:
+        return nums.astype(np.int64).to_numpy()
+    return pd.factorize(values.astype(str))[0].astype(np.int64) + 1
+
+
+def burn_parcels(parcels, grid: TileGrid, code_column: str, id_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Parcel codes (int32) and, with ``id_column``, parcel ids (int64) burnt onto ``grid`` from one
+    rasterisation (pixel centres inside a parcel; 0 = none; where parcels overlap the last one wins)."""
     from rasterio.features import rasterize
 
     xmin, ymin, xmax, ymax = grid.bounds
     sel = parcels.cx[xmin:xmax, ymin:ymax]
-    shapes = [(geom, int(code)) for geom, code in zip(sel.geometry, sel[code_column]) if geom is not None and not geom.is_empty]
-    if not shapes:
-        return np.zeros((grid.height, grid.width), dtype=np.int32)
-    return rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform, fill=0, dtype="int32")
+    keep = [k for k, geom in enumerate(sel.geometry) if geom is not None and not geom.is_empty]
+    empty = np.zeros((grid.height, grid.width), dtype=np.int32)
+    if not keep:
+        return empty, (empty.astype(np.int64) if id_column else None)
+    # burn row numbers (1-based), then look codes and ids up: both come from the same polygon
+    rows = rasterize([(sel.geometry.iloc[k], i + 1) for i, k in enumerate(keep)], out_shape=(grid.height, grid.width),
+                     transform=grid.transform, fill=0, dtype="int32")
+    codes = np.concatenate([[0], sel[code_column].to_numpy()[keep]]).astype(np.int32)[rows]
+    ids = np.concatenate([[0], sel[id_column].to_numpy()[keep]]).astype(np.int64)[rows] if id_column else None
+    return codes, ids
+
+
+def rasterize_parcels(parcels, grid: TileGrid, code_column: str) -> np.ndarray:
+    """Parcel codes burnt onto ``grid`` (pixel centres inside a parcel; 0 = none), int32."""
+    return burn_parcels(parcels, grid, code_column)[0]
