@@ -306,6 +306,9 @@ class Site(_Strict):
         xmin, ymin, xmax, ymax = self.extent
         if not (xmin < xmax and ymin < ymax):
             raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")
+        if self.gee is not None and self.gee.samples == "table" and self.label_source != "cdl":
+            raise ValueError("gee.samples: table samples CDL labels in Earth Engine; with label_source "
+                             f"{self.label_source!r} (labels kept local) use gee.samples: cube")
         if self.default_year is not None and self.default_year not in self.years:
             raise ValueError(f"default_year {self.default_year} is not one of years {self.years}")
         if self.source == "local" and self.local is None:

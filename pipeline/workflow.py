@@ -45,7 +45,7 @@ from .runner import Stage, StageContext
 from .samples import load_store, save_store
 from .sites import Legend, Site, load_legend
 from .splits import ParcelSplit, parcel_split
-from .tensors import concat_samples, labelled_samples, unlabelled_samples
+from .tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from .train import as_series, class_table, encode_labels, train_model
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,30 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             ctx.report["notes"] = ctx.report.get("notes", []) + [f"tile {t}: source codes not in legend {legend.name!r} (pixels): {u}" for t, u in unmapped.items()]
         return {"labels": "labels"}
 
+    sample_tables = site.source == "gee" and site.gee.samples == "table"
+
     def tensors(ctx: StageContext) -> dict[str, str]:
         cube_dir, label_dir = ctx.upstream["ingest"]["cube"], ctx.upstream["labels"]["labels"]
         names = {c.code: c.name for c in legend.classes}
-        parts = []
-        for tid, _ in trained:
-            with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
-                classes = ds.read(1)
-            with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
-                parcels = ds.read(1)
-            parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
-                                          s1_window=site.tensors.s1_window_days))
-        samples = concat_samples(parts)
+        if sample_tables:  # stratified, spatially blocked sample tables exported by Earth Engine
+            leaves = gee_src.export_samples(ctx.run_dir)
+            samples = gee_src.read_samples(leaves, ctx.run_dir / "gee" / "files", legend, s1_window=site.tensors.s1_window_days)
+            cube_bands_ = cube_bands(open_cube(cube_dir / f"{trained[0][0]}.zarr"))
+            if samples.bands != cube_bands_:
+                raise StageError(f"exported sample tables have bands {samples.bands}, the cubes {cube_bands_}",
+                                 fix="delete RUN/gee/files and the samples exports, then rerun")
+            ctx.report.update(samples_from="Earth Engine sample tables (split unit: spatial blocks of gee.block_size_m)",
+                              exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.eecu_seconds / 3600, 4))
+        else:
+            parts = []
+            for tid, _ in trained:
+                with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
+                    classes = ds.read(1)
+                with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
+                    parcels = ds.read(1)
+                parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
+                                              s1_window=site.tensors.s1_window_days))
+            samples = concat_samples(parts)
         save_store(samples, ctx.path("samples/pixels"))
         ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
                           mean_length=round(float(samples.lengths.mean()), 1), tiles=[t for t, _ in trained],
@@ -301,13 +313,15 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return {"report": "report.html"}
 
     common = {"site": site.name, "year": year}
-    source_cfg = ({"gee": site.gee.model_dump(), "parcels": site.parcels.model_dump() if site.parcels else None}
+    source_cfg = ({"gee": site.gee.model_dump(exclude={"samples"}), "parcels": site.parcels.model_dump() if site.parcels else None}
                   if site.source == "gee" else {"label_variable": site.local.label_variable})
     stages = [
         Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(),
                                                               "cloud_mask": site.cloud_mask.model_dump(), **source_cfg}),
         Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc, **source_cfg}),
-        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
+        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump(),
+                                                                      **({"samples": site.gee.model_dump(include={"samples", "samples_per_class",
+                                                                          "block_size_m"})} if sample_tables else {})}),
         *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
                                                                  "model_options": tr.model_options, **site.tensors.model_dump()})]
           if pretraining else []),

@@ -118,21 +118,29 @@ def test_cdl_year_not_published_is_one_clear_error(tmp_path, sites_dir, demo_loc
     assert not has_conf and "no confidence band" in note
 
 
-def test_sample_table_read_back_matches_demo_pixels(tmp_path, sites_dir, demo_local, ee_offline):
+@pytest.mark.parametrize("s1_window", [0, 12])
+def test_sample_table_read_back_matches_demo_pixels(tmp_path, sites_dir, demo_local, ee_offline, s1_window):
+    """Exported rows (raw S2 clear acquisitions + raw S1) read back give, per sampled pixel, exactly
+    the series the cube path cuts from the raw demo cube (same bands, days, S1 windows)."""
+    from cropmap.pipeline.tensors import cube_series
+
     write_site(sites_dir, gee_demo_doc(tmp_path / "exports"))
     site = load_site("demo-gee")
     _, cube, labels = demo_local
     server = DemoServer(site, 2019, [cube], [labels], seed=3)
-    server.serve_samples("cropmap/demo-gee/2019/samples/x0000y0000", {"selectors": b.SAMPLE_COLUMNS + list(site.bands.s2)}, tmp_path)
+    server.serve_samples("cropmap/demo-gee/2019/samples/x0000y0000", {"selectors": b.sample_columns(site)}, tmp_path)
     table = pd.read_csv(tmp_path / "cropmap/demo-gee/2019/samples/x0000y0000.csv")
-    samples = samples_from_table(table, site, load_legend("demo"), 2019)
+    samples = samples_from_table(table, site, load_legend("demo"), 2019, s1_window=s1_window, tile="x0000y0000")
     assert len(samples) > 20 and set(samples.table["split"]) <= {"train", "val", "test"}
-    sid = samples.table["sample_id"].iloc[0]
-    _, r, c = sid.rsplit("_", 2)
-    values, days = samples.series(0)
-    clear = cube.s2_clear.values[:, int(r), int(c)]
-    np.testing.assert_allclose(values, cube.s2.values[clear, :, int(r), int(c)] * 1e-4, rtol=1e-6)
-    assert len(days) == clear.sum()
+    assert samples.bands == [*site.bands.s2, *site.bands.s1]
+    for i in range(0, len(samples), max(1, len(samples) // 5)):
+        _, r, c = samples.table["sample_id"].iloc[i].rsplit("_", 2)
+        mask = np.zeros((cube.sizes["y"], cube.sizes["x"]), bool)
+        mask[int(r), int(c)] = True
+        values, days, lengths = cube_series(cube, pixel_mask=mask, s1_window=s1_window)
+        got_values, got_days = samples.series(i)
+        np.testing.assert_array_equal(got_days, days)
+        np.testing.assert_allclose(got_values, values, rtol=1e-5)
 
 
 def test_block_split_keeps_blocks_together():
@@ -236,3 +244,47 @@ def test_parcel_ids_come_from_the_id_column(tmp_path, sites_dir, demo_local, ee_
     assert list(parcel_ids(pd.Series(["A-1", "7", "A-1"]), "f", "c")) == [1, 2, 1]  # non-numeric ids: numbered
     with pytest.raises(DataError, match="column ID has 1 empty id.*unset parcels.id_column"):
         parcel_ids(pd.Series(["1", None]), "f.gpkg", "ID")
+
+
+def test_run_with_exported_sample_tables(tmp_path, sites_dir, demo_local, ee_offline):
+    """``gee.samples: table`` through the Runner: the tensors stage exports per-tile stratified sample
+    tables (fake client, real demo pixels) and builds the sample store from them."""
+    from cropmap.pipeline.errors import SiteError
+    from cropmap.pipeline.ingest.gee.readback import block_parcel_id
+    from cropmap.pipeline.samples import load_store
+
+    write_site(sites_dir, gee_demo_doc(tmp_path / "exports", samples="table", block_size_m=160))
+    site = load_site("demo-gee")
+    clients = []
+    factory = _client_factory(tmp_path / "exports", demo_local)
+    stages, _ = build_stages(site, 2019, gee_client=lambda s: clients.append(factory(s)) or clients[-1])
+    run_dir = tmp_path / "run"
+    manifest = Runner(run_dir, {"site": site.name, "year": 2019}).run(stages[:3], lambda done: {})
+    report = manifest["stages"]["tensors"]["report"]
+    assert report["samples_from"].startswith("Earth Engine sample tables") and report["exports"] == 1
+    assert any("/samples/x0000y0000" in n for c in clients for n in c.started)
+    samples = load_store(run_dir / "samples" / "pixels", mmap=False)
+    _, cube, (codes, _) = demo_local
+    lookup = load_legend("demo").source_lookup()
+    mapped = {lookup[int(v)] for v in np.unique(codes) if int(v) in lookup}
+    counts = samples.table["label"].value_counts()
+    sources = pd.Series([lookup[int(v)] for v in np.unique(codes) if int(v) in lookup]).value_counts()
+    assert set(counts.index) == mapped  # stratified per source code (several CDL codes can make one class)
+    assert (counts <= site.gee.samples_per_class * sources.reindex(counts.index)).all()
+    assert samples.bands == [*site.bands.s2, *site.bands.s1]
+    t = samples.table
+    np.testing.assert_array_equal(t["parcel_id"], block_parcel_id(np.floor(t["x"] / 160), np.floor(t["y"] / 160)))
+    assert t["parcel_id"].nunique() >= 8  # blocks are the split unit: several per 640 m tile
+    r, c = (int(v) for v in t["sample_id"].iloc[0].rsplit("_", 2)[1:])
+    values, _ = samples.series(0)
+    s2 = values[:, :len(site.bands.s2)]
+    s2 = s2[~np.isnan(s2).all(axis=1)]
+    clear = cube.s2_clear.values[:, r, c]
+    np.testing.assert_allclose(s2, cube.s2.values[clear, :, r, c] * 1e-4, rtol=1e-6)  # raw clear acquisitions
+    assert (codes[r, c] in lookup) and lookup[int(codes[r, c])] == t["label"].iloc[0]
+
+    doc = gee_demo_doc(tmp_path / "exports", samples="table")
+    doc.update(label_source="parcels", legend="rpg", parcels={"path": str(tmp_path / "p.gpkg")})
+    write_site(sites_dir, doc)
+    with pytest.raises(SiteError, match="gee.samples: table samples CDL labels.*use gee.samples: cube"):
+        load_site("demo-gee")

@@ -29,7 +29,7 @@ from affine import Affine
 
 from ...cube import TileGrid, grid_of
 from ...sites import Site
-from .builders import S1_NODATA, Period, composite_periods, task_request
+from .builders import S1_NODATA, SAMPLE_COLUMNS, Period, composite_periods, task_request
 from .client import ACTIVE, LocalExports, TaskStatus
 
 ERRORS = {
@@ -335,25 +335,42 @@ class DemoServer:
         return encode_npy(data[[names.index(b) for b in wanted]], list(wanted))
 
     def serve_samples(self, name: str, request: dict, folder: Path) -> None:
-        """Stratified points (``samples_per_class`` per label code) and their clear raw acquisitions as CSV."""
+        """Stratified points (``samples_per_class`` per label code, inside the export's tile when it is
+        one of the site's) with their clear raw S2 acquisitions (DN) and S1 acquisitions (dB) as CSV."""
+        from .tiles import site_tiles
+
         rng = np.random.default_rng(self.seed)
         block = self.site.gee.block_size_m
+        tiles = {t.name: t for t in site_tiles(self.site)}
+        leaf = name.split("/")[-1]
+        tile = next((t for n, t in tiles.items() if leaf == n or (leaf.startswith(n) and set(leaf[len(n):]) <= set("q0123"))), None)
+        if tile is not None and leaf != tile.name:  # a split tile: its quadrant
+            for q in leaf[len(tile.name):].split("q")[1:]:
+                tile = tile.split()[int(q)]
+        b2, b1 = list(self.site.bands.s2), list(self.site.bands.s1)
         rows = []
         for (codes, lgrid), cube in zip(self.labels, self.cubes):
-            dn, clear = cube["s2"].values, cube["s2_clear"].values
-            days = pd.to_datetime(cube["time_s2"].values)
-            for code in np.unique(codes[codes > 0]):
-                rr, cc = np.nonzero(codes == code)
+            dn, clear, s1 = cube["s2"].values, cube["s2_clear"].values, cube["s1"].values
+            days2, days1 = pd.to_datetime(cube["time_s2"].values), pd.to_datetime(cube["time_s1"].values)
+            inside = np.ones(codes.shape, bool)
+            if tile is not None:
+                w = _window(lgrid, tile.grid)
+                inside[:] = False
+                if w is not None:
+                    inside[w[0], w[1]] = True
+            for code in np.unique(codes[(codes > 0) & inside]):
+                rr, cc = np.nonzero((codes == code) & inside)
                 pick = rng.choice(len(rr), size=min(self.site.gee.samples_per_class, len(rr)), replace=False)
                 for k in pick:
                     r, c = int(rr[k]), int(cc[k])
                     x, y = lgrid.transform @ (c + 0.5, r + 0.5)
-                    sid = f"{cube.attrs['tile']}_{r}_{c}"
+                    point = {"sample_id": f"{cube.attrs['tile']}_{r}_{c}", "label": int(code), "block_x": int(x // block),
+                             "block_y": int(y // block), "x": x, "y": y}
                     for t in np.nonzero(clear[:, r, c])[0]:
-                        rows.append({"sample_id": sid, "label": int(code), "block_x": int(x // block), "block_y": int(y // block),
-                                     "x": x, "y": y, "date": days[t].strftime("%Y-%m-%d"),
-                                     **{b: int(dn[t, j, r, c]) for j, b in enumerate(self.site.bands.s2)}})
-        columns = request.get("selectors") or list(rows[0])
+                        rows.append({**point, "date": days2[t].strftime("%Y-%m-%d"), **{bd: int(dn[t, j, r, c]) for j, bd in enumerate(b2)}})
+                    for t in np.nonzero(~np.isnan(s1[:, :, r, c]).all(axis=1))[0] if b1 else []:
+                        rows.append({**point, "date": days1[t].strftime("%Y-%m-%d"), **{bd: float(s1[t, j, r, c]) for j, bd in enumerate(b1)}})
+        columns = request.get("selectors") or [*SAMPLE_COLUMNS, *b2, *b1]
         path = folder / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows, columns=columns).to_csv(path, index=False)

@@ -158,6 +158,53 @@ class GeeSource:
         leaves = mgr.run(jobs)
         return {t.name: leaves[self.name("labels", t.name)] for t in self.tiles}, note
 
+    # ------------------------------------------------------------ training sample tables
+    def export_samples(self, run_dir: Path) -> dict[str, list[str]]:
+        """Per tile, a CSV table export of stratified points (``samples_per_class`` per CDL class,
+        with spatial block ids) and their raw clear S2 and S1 acquisitions; tile -> leaf names."""
+        from . import builders as b
+
+        has_conf, _ = self.check_cdl()
+        labels = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
+        start, end = b.season(self.site.gee, self.year)
+        columns = b.sample_columns(self.site)
+        bands2, bands1 = list(self.site.bands.s2), list(self.site.bands.s1)
+
+        def make_task(job: Job):
+            region = b.tile_geometry(job.tile)
+            points = b.stratified_points(labels, region, self.site, seed=self.year)
+            s1 = b.s1_acquisitions(region, start, end, self.site.gee, bands1) if bands1 else None
+            table = b.sample_table(points, b.s2_acquisitions(region, start, end, self.site.gee, bands2), self.site, s1)
+            return b.table_export(table, job.name, self.site.gee, columns)
+
+        jobs = [Job(self.name("samples", t.name), "samples", t) for t in self.tiles]
+        mgr = self.manager(Path(run_dir) / "gee" / "samples-tasks.json", make_task)
+        leaves = mgr.run(jobs)
+        self.eecu_seconds = getattr(self, "eecu_seconds", 0.0) + mgr.eecu_seconds()
+        return {t.name: leaves[self.name("samples", t.name)] for t in self.tiles}
+
+    def read_samples(self, leaves: dict[str, list[str]], cache: Path, legend, *, s1_window: int = 0):
+        """The exported sample tables of every tile as one :class:`~cropmap.pipeline.samples.PixelSamples`."""
+        from ...tensors import concat_samples
+        from .readback import samples_from_table
+
+        parts = []
+        for tile, names in leaves.items():
+            frames = []
+            for path in self._files(names, cache):
+                try:
+                    frames.append(pd.read_csv(path))
+                except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+                    raise DataError(f"exported sample table {path.name} is not readable CSV ({type(exc).__name__})",
+                                    fix="delete it and rerun: it is exported again") from None
+            table = pd.concat(frames, ignore_index=True)
+            if len(table):
+                parts.append(samples_from_table(table, self.site, legend, self.year, s1_window=s1_window, tile=tile))
+        if not parts:
+            raise DataError(f"the exported sample tables of {self.site.name} {self.year} have no rows",
+                            fix="check the site's labels for the year, or use gee.samples: cube")
+        return concat_samples(parts)
+
     def read_cdl(self, tile: ExportTile, leaves: list[str], cache: Path) -> np.ndarray:
         from .readback import read_shards
 
