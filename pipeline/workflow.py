@@ -176,7 +176,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                 raise StageError(f"exported sample tables have bands {samples.bands}, the cubes {cube_bands_}",
                                  fix="delete RUN/gee/files and the samples exports, then rerun")
             ctx.report.update(samples_from="Earth Engine sample tables (split unit: spatial blocks of gee.block_size_m)",
-                              exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.eecu_seconds / 3600, 4))
+                              exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.samples_eecu_seconds / 3600, 4))
         else:
             parts = []
             for tid, _ in trained:

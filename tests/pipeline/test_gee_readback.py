@@ -261,7 +261,7 @@ def test_run_with_exported_sample_tables(tmp_path, sites_dir, demo_local, ee_off
     run_dir = tmp_path / "run"
     manifest = Runner(run_dir, {"site": site.name, "year": 2019}).run(stages[:3], lambda done: {})
     report = manifest["stages"]["tensors"]["report"]
-    assert report["samples_from"].startswith("Earth Engine sample tables") and report["exports"] == 1
+    assert report["samples_from"].startswith("Earth Engine sample tables") and report["exports"] == 1 and report["eecu_hours"] > 0
     assert any("/samples/x0000y0000" in n for c in clients for n in c.started)
     samples = load_store(run_dir / "samples" / "pixels", mmap=False)
     _, cube, (codes, _) = demo_local

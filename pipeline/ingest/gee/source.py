@@ -180,7 +180,7 @@ class GeeSource:
         jobs = [Job(self.name("samples", t.name), "samples", t) for t in self.tiles]
         mgr = self.manager(Path(run_dir) / "gee" / "samples-tasks.json", make_task)
         leaves = mgr.run(jobs)
-        self.eecu_seconds = getattr(self, "eecu_seconds", 0.0) + mgr.eecu_seconds()
+        self.samples_eecu_seconds = mgr.eecu_seconds()
         return {t.name: leaves[self.name("samples", t.name)] for t in self.tiles}
 
     def read_samples(self, leaves: dict[str, list[str]], cache: Path, legend, *, s1_window: int = 0):
