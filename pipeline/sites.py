@@ -260,6 +260,16 @@ class Gee(_Strict):
     block_size_m: float = Field(default=10_000, gt=0)
     """Training samples are split train/val/test by spatial blocks of this side."""
     tile_scale: int = Field(default=4, ge=1, le=16)
+    cubes: Literal["export", "pixels"] = "export"
+    """How the composite cubes travel: ``export`` (batch GeoTIFF exports to the bucket, any size) or
+    ``pixels`` (interactive computePixels requests, no bucket round trip: county-size sites)."""
+    samples: Literal["cube", "table"] = "cube"
+    """Training pixels of the tensors stage: ``cube`` (every labelled pixel of the composite cube,
+    parcel-disjoint splits) or ``table`` (a stratified sample, ``samples_per_class`` per CDL class
+    and tile, of raw clear acquisitions, exported as CSV tables; split by spatial blocks of
+    ``block_size_m``). ``table`` suits state-wide CDL sites, where every labelled pixel is far too many."""
+    max_concurrent_requests: int = Field(default=8, ge=1, le=32)
+    """computePixels requests in flight at once (Earth Engine allows 40 per endpoint)."""
 
     @field_validator("bucket")
     @classmethod
@@ -327,6 +337,9 @@ class Site(_Strict):
         xmin, ymin, xmax, ymax = self.extent
         if not (xmin < xmax and ymin < ymax):
             raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")
+        if self.gee is not None and self.gee.samples == "table" and self.label_source != "cdl":
+            raise ValueError("gee.samples: table samples CDL labels in Earth Engine; with label_source "
+                             f"{self.label_source!r} (labels kept local) use gee.samples: cube")
         if self.default_year is not None and self.default_year not in self.years:
             raise ValueError(f"default_year {self.default_year} is not one of years {self.years}")
         if self.source == "local" and self.local is None:
