@@ -143,6 +143,12 @@ def evaluate(samples: PixelSamples, test: np.ndarray, proba: np.ndarray, classes
     return {k: round(float(m[k]), 4) for k in ("overall_accuracy", "kappa", "macro_f1", "weighted_f1")}
 
 
+def protocol_name(args) -> str:
+    if args.val_fraction > 0:
+        return f"validation early stopping (val {args.val_fraction:.0%} of the pool, <= {args.epochs} epochs, patience {args.patience})"
+    return f"fixed schedule ({args.epochs} epochs, >= {args.min_steps} steps)"
+
+
 def steps_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
     per_epoch = max(1, math.ceil(n_train / batch))
     return max(epochs, math.ceil(min_steps / per_epoch))
@@ -150,6 +156,10 @@ def steps_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
 
 def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, work: Path, encoders: dict) -> dict:
     pool, test = split(samples, seed, recipe)
+    val = np.zeros(0, np.int64)
+    if args.val_fraction > 0:  # a validation set held out of the pool before the budget (as SITS-MoCo)
+        rest, held = split(samples.subset(pool), seed + 1000, {**recipe, "max_per_group": None}, test_fraction=args.val_fraction)
+        pool, val = pool[rest], pool[held]
     y_all = encode_labels(samples, class_table(samples, pool))
     train = subsample_labels(y_all, pool, seed, fraction=budget) if budget < 1 else pool
     classes = class_table(samples, train)
@@ -165,18 +175,20 @@ def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, wo
         batch = recipe["batch_size"]
         epochs = steps_epochs(len(train), batch, args.epochs, args.min_steps)
         cfg = FitConfig(epochs=epochs, batch_size=batch, max_len=recipe["max_len"], seed=seed, device=args.device,
-                        augment=recipe["augment"].augment())
+                        patience=args.patience, augment=recipe["augment"].augment())
         enc = encoders[model] if pretrain == "moco" else None
         out = work / f"{model}-{pretrain}-{budget}-{seed}"
-        meta = train_model(samples, train, np.zeros(0, np.int64), out, model_name=model, fit_config=cfg, pretrained=enc,
+        meta = train_model(samples, train, val, out, model_name=model, fit_config=cfg, pretrained=enc,
                            model_options=recipe["model_options"].get(model, {}) if enc is None else None)
         net, meta = load_model_dir(out, args.device)
         norm = meta["normalisation"]
         proba = predict_proba(net, as_series(samples.subset(test)), np.asarray(norm["mean"], np.float32),
                               np.asarray(norm["std"], np.float32), int(meta["max_len"]), 1024, args.device)
     m = evaluate(samples, test, proba, classes)
-    return {"model": model, "pretrain": pretrain, "budget": budget, "seed": seed, "n_train": int(len(train)),
-            "n_test": int(len(test)), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **m}
+    if model != "rf":
+        epochs = meta["fit"]["epochs_run"]
+    return {"model": model, "pretrain": pretrain, "budget": budget, "seed": seed, "n_train": int(len(train)), "n_val": int(len(val)),
+            "n_test": int(len(test)), "protocol": protocol_name(args), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **m}
 
 
 def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str) -> dict:
@@ -203,8 +215,11 @@ def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str
 def summarize(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
     lines = []
-    for dataset, d in df.groupby("dataset", sort=False):
-        lines.append(f"\n### {dataset}: overall accuracy / macro F1, mean ± std over seeds (n seeds)\n")
+    if "protocol" not in df.columns:
+        df["protocol"] = "fixed schedule"
+    df["protocol"] = df["protocol"].fillna("fixed schedule")
+    for (dataset, protocol), d in df.groupby(["dataset", "protocol"], sort=False):
+        lines.append(f"\n### {dataset}, {protocol}: overall accuracy / macro F1, mean ± std over seeds (n seeds)\n")
         budgets = sorted(d["budget"].unique())
         lines.append("| model | pre-training | " + " | ".join(f"{b:.0%} labels" for b in budgets) + " |")
         lines.append("|---|---|" + "---|" * len(budgets))
@@ -244,6 +259,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--min-steps", type=int, default=200)
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold this fraction of the training pool out for validation (best epoch, early stopping)")
+    ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--pretrain-epochs", type=int, default=30)
     ap.add_argument("--pretrain-series", type=int, default=8000)
     ap.add_argument("--momentum", type=float, default=0.99, help="MoCo key momentum (0.999 needs far more steps than these datasets give)")
@@ -276,13 +294,13 @@ def main() -> None:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["dataset"], r["model"], r["pretrain"], r["budget"], r["seed"]))
+            done.add((r["dataset"], r["model"], r["pretrain"], r["budget"], r["seed"], r.get("protocol")))
     deep = [m for m in args.models if m != "rf"]
     encoders = pretrain_encoders(unlabelled, recipe, deep, args, args.work, args.dataset) if "moco" in args.pretrain else {}
     jobs = [(m, p, b, s) for b in args.budgets for s in args.seeds for m in args.models
             for p in (["none"] if m == "rf" else args.pretrain)]
     for model, pre, budget, seed in jobs:
-        if (args.dataset, model, pre, budget, seed) in done:
+        if (args.dataset, model, pre, budget, seed, protocol_name(args)) in done:
             continue
         r = {"dataset": args.dataset, **run_one(samples, unlabelled, recipe, model, pre, budget, seed, args, args.work, encoders)}
         with open(args.out, "a") as fh:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -197,6 +198,15 @@ def set_train_mode(model: nn.Module, freeze_encoder: bool) -> None:
         model.train()
 
 
+def _data_digest(train: Series, y_train: np.ndarray, val: Series | None, y_val: np.ndarray | None) -> str:
+    """A checksum of the training and validation data: a checkpoint resumes only on the same data."""
+    h = hashlib.sha256()
+    for part in (train.values, train.days, train.offsets, y_train,
+                 *((val.values, val.days, val.offsets, y_val) if val is not None and y_val is not None else ())):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
 def _save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -246,7 +256,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
         augment = dataclasses.replace(augment, band_patterns=missing_band_patterns(train))
     result = FitResult()
     best_key, best_state, bad, start_epoch = None, None, 0, 1
-    signature = {"config": repr(dataclasses.replace(cfg, device="")), "n_train": len(train), "n_val": len(val) if val is not None else 0,
+    signature = {"config": repr(dataclasses.replace(cfg, device="")), "data": _data_digest(train, y_train, val, y_val),
                  "n_classes": int(n_classes), "n_params": sum(p.numel() for p in model.parameters())}
     if checkpoint is not None:
         state = _load_state(Path(checkpoint), signature)

@@ -72,6 +72,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged (as a new run version)."),
     until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
     transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
+    level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report.
 
@@ -86,13 +87,16 @@ def run(
 
     t0 = time.perf_counter()
     _check_device(device)
+    if level not in (None, "pixel", "parcel"):
+        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
     s = load_site(site)
     console = _console()
     y, notes = production.resolve_year(s, year)
     for note in notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
     opts = production.run_options(s, y, out, until=until, transfer=transfer)
-    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, **opts.stage_args)
+    parcel_level = (level or s.level) == "parcel"
+    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
     run_dir = production.run_dir(out, s.name, y)
@@ -116,7 +120,9 @@ def run(
             plan, header = versioned(stages, {"site": s.name, "year": y, "command": " ".join(["cropmap", *sys.argv[1:]]), **opts.header}, force)
             runner = Runner(plan.dir, header, on_event=on_event, progress=make_progress, reuse_from=plan.reuse_from,
                             on_save=lambda doc: production.publish(plan, doc))
-            manifest = _run_stages(runner, stages, lambda done: {
+            from .parcel_workflow import parcel_outputs
+
+            manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
                 "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
                 "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
                 "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
@@ -133,7 +139,7 @@ def run(
         g = json.loads((plan.dir / manifest["outputs"]["transfer"]).read_text()).get("mean_gain") or {}
         if g:
             console.print(f"  initialised from {y - 1}: OA {g['overall_accuracy']:+.3f}, macro F1 {g['macro_f1']:+.3f} vs training from scratch ({y} tiles' test pixels)")
-    for key in ("map", "confidence", "preview", "metrics", "model", "report"):
+    for key in ("map", "confidence", "preview", *(["parcel_map"] if parcel_level else []), "metrics", "model", "report"):
         console.print(f"  {key:<10} {run_dir / manifest['outputs'][key]}")
 
 
@@ -203,6 +209,11 @@ def train(
     batch_size: int = typer.Option(256, "--batch-size", min=2),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Training augmentations (the site defaults: time shift, band offsets, cloud/shadow noise, missing-band patterns)."),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint of an interrupted training of the same --out and start again."),
+    fusion: str = typer.Option("none", "--fusion", help="Parcel models: none, early, pse, tsa or decision (optical + radar fusion)."),
+    sensors: str | None = typer.Option(None, "--sensors", help="Parcel models: s2, s1 or s1+s2 (default: s2 without fusion, s1+s2 with)."),
+    alignment: str = typer.Option("nn", "--alignment", help="Parcel early/pse fusion: S1 on S2 dates by nn (nearest unused) or linear."),
+    s2_date_fraction: float | None = typer.Option(None, "--s2-date-fraction", help="Parcel models: keep this seeded random fraction of each parcel's S2 dates."),
+    until: str | None = typer.Option(None, "--until", help="Parcel models: early season, series end at this MM-DD of the season year."),
 ) -> None:
     """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw).
 
@@ -225,6 +236,22 @@ def train(
 
     _check_device(device)
     _threads()
+    from .parcels import is_parcel_store
+
+    if model == "psetae" or is_parcel_store(samples):
+        if model not in (None, "psetae"):
+            raise CropmapError(f"{str(samples)!r} is a parcel store; model {model!r} is a pixel model", fix="use --model psetae, or pixel samples")
+        if pretrained is not None or label_fraction is not None or labels_per_class is not None or freeze_encoder:
+            raise CropmapError("--pretrained, --freeze-encoder, --label-fraction and --labels-per-class apply to pixel models only",
+                               fix="drop them for --model psetae")
+        _train_parcels(samples, out, fusion=fusion, sensors=sensors or ("s2" if fusion == "none" else "s1+s2"), alignment=alignment,
+                       s2_date_fraction=s2_date_fraction, until=until, epochs=epochs, patience=patience, lr=lr,
+                       loss=loss if loss != "ce" or "--loss" in sys.argv else "focal", class_weighting=class_weighting,
+                       batch_size=batch_size, seed=seed, device=device)
+        return
+    if fusion != "none" or sensors or s2_date_fraction is not None or until is not None:
+        raise CropmapError("--fusion, --sensors, --s2-date-fraction and --until apply to parcel models",
+                           fix="use --model psetae with a parcel store (runs/SITE/YEAR/samples/parcels)")
     name = model or (pretrained_model_name(pretrained) if pretrained else "stnet")
     data = load_samples(samples)
     tr, va = default_split(data, seed)
@@ -244,6 +271,36 @@ def train(
     resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
     console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
                   f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
+
+
+def _train_parcels(samples: Path, out: Path, *, fusion: str, sensors: str, alignment: str, s2_date_fraction: float | None,
+                   until: str | None, epochs: int, patience: int, lr: float, loss: str, class_weighting: str, batch_size: int,
+                   seed: int, device: str) -> None:
+    """`cropmap train --model psetae`: validation from the `split` column, else a seeded draw of parcels."""
+    import numpy as np
+
+    from cropmap.models.parcel_training import ParcelFitConfig
+
+    from .parcel_train import ParcelOptions, train_parcel_model
+    from .parcels import load_parcel_store
+    from .train import default_split
+
+    opts = ParcelOptions("psetae", fusion, sensors, alignment, s2_date_fraction, until)
+    opts.check()
+    data = load_parcel_store(samples)
+    if "split" in data.table.columns:
+        side = data.table["split"].astype(str).to_numpy()
+        tr, va = np.nonzero(side == "train")[0], np.nonzero(side == "val")[0]
+    else:
+        tr, va = default_split(data, seed)
+    cfg = ParcelFitConfig(epochs=epochs, batch_size=min(batch_size, 128), lr=lr, loss=loss, class_weighting=class_weighting,
+                          patience=patience, seed=seed, device=device)
+    console = _console()
+    meta = train_parcel_model(data, tr, va, out, opts, cfg, extra_meta={"samples": str(samples)},
+                              on_epoch=lambda r: console.print(f"  epoch {r['epoch']:3d} loss {r['train_loss']:.4f}"
+                                                               + (f"  val mIoU {r['val_miou']:.3f}" if "val_miou" in r else "")))
+    console.print(f"parcel model written to {out} (psetae, fusion {fusion}, sensors {sensors}, {len(meta['classes'])} classes, "
+                  f"{meta['data']['n_train']} training parcels, best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']})")
 
 
 @app.command()
@@ -294,15 +351,30 @@ def evaluate(
     samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     device: str = typer.Option("auto", "--device"),
+    s2_date_fraction: float | None = typer.Option(None, "--s2-date-fraction", help="Parcel models: override the model's sparse-S2 fraction."),
+    until: str | None = typer.Option(None, "--until", help="Parcel models: override the model's early-season cut (MM-DD)."),
 ) -> None:
     """Evaluate a model on labelled samples (all samples passed)."""
     _setup(_state["debug"], quiet=as_json)
     from .evaluate import evaluate_model
+    from .parcel_train import evaluate_parcel_model, is_parcel_model
+    from .parcels import is_parcel_store, load_parcel_store
     from .samples import load_samples
 
     _check_device(device)
     _threads()
-    m = evaluate_model(model, load_samples(samples), None if device == "auto" else device)
+    dev = None if device == "auto" else device
+    if is_parcel_model(model) or is_parcel_store(samples):
+        if not is_parcel_model(model):
+            raise CropmapError(f"{str(samples)!r} is a parcel store but {str(model)!r} is not a parcel model", fix="pass a model of `cropmap train --model psetae`")
+        if not is_parcel_store(samples):
+            raise CropmapError(f"{str(model)!r} is a parcel model but {str(samples)!r} is not a parcel store",
+                               fix="pass runs/SITE/YEAR/samples/parcels (made by `cropmap run --level parcel`)")
+        m = evaluate_parcel_model(model, load_parcel_store(samples), dev, s2_date_fraction=s2_date_fraction, until=until)
+    elif s2_date_fraction is not None or until is not None:
+        raise CropmapError("--s2-date-fraction and --until apply to parcel models", fix="pass a parcel model and parcel store")
+    else:
+        m = evaluate_model(model, load_samples(samples), dev)
     if as_json:
         typer.echo(json.dumps(m))
         return

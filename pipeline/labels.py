@@ -64,9 +64,15 @@ def recover_parcels(codes: np.ndarray, tile_index: int) -> np.ndarray:
 
 
 def tile_labels(codes: np.ndarray, legend: Legend, *, tile: str, tile_index: int, year: int,
-                transform=None) -> TileLabels:
+                transform=None, parcel_ids: np.ndarray | None = None) -> TileLabels:
+    """Classes, parcels and the parcel table of one tile. ``parcel_ids`` (positive ids burnt from
+    a parcel file, e.g. RPG ``ID_PARCEL``; 0 = none) are used as they are; without them parcels
+    are recovered as connected regions of equal code."""
     classes, unmapped = map_codes(codes, legend)
-    parcels = recover_parcels(np.where(classes > 0, codes, 0), tile_index)
+    if parcel_ids is not None:
+        parcels = np.where(classes > 0, np.asarray(parcel_ids, dtype=np.int64), 0)
+    else:
+        parcels = recover_parcels(np.where(classes > 0, codes, 0), tile_index)
     names = {c.code: c.name for c in legend.classes}
     rows = []
     ids, inverse, counts = np.unique(parcels.ravel(), return_inverse=True, return_counts=True)

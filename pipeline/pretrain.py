@@ -22,12 +22,10 @@ from cropmap.models.moco import MoCoConfig, pretrain_moco
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import band_statistics
 from cropmap.models.training import resolve_device
-from cropmap.models.training_log import TrainingLog, write_history
 
 from .errors import ModelError, SamplesError
-from .fsio import atomic_path
 from .samples import PixelSamples
-from .train import as_series, work_dir_for
+from .train import as_series, epoch_logger, work_dir_for, write_directory
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +60,7 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
         raise ModelError(f"model {model_name!r} exposes no embedding to pre-train", fix="pre-train another model")
     work = work_dir_for(out_dir)
     shutil.rmtree(work, ignore_errors=True)
-    tlog = TrainingLog(work)
-
-    def log_epoch(row: dict) -> None:
-        tlog(row)
-        if on_epoch:
-            on_epoch(row)
-
+    tlog, log_epoch = epoch_logger(work, on_epoch)
     try:
         result = pretrain_moco(model, series, mean, std, cfg, on_epoch=log_epoch, on_batch=on_batch)
     except ValueError as exc:
@@ -90,10 +82,5 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
         "torch_version": torch.__version__,
         **(extra_meta or {}),
     }
-    with atomic_path(Path(out_dir), is_dir=True) as tmp:
-        save_encoder(tmp, model, meta)
-        write_history(tmp / "history.csv", result.history)
-        if (work / "tensorboard").is_dir():
-            shutil.copytree(work / "tensorboard", tmp / "tensorboard")
-    shutil.rmtree(work, ignore_errors=True)
+    write_directory(out_dir, work, lambda tmp: save_encoder(tmp, model, meta), result.history)
     return meta

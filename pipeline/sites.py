@@ -183,6 +183,34 @@ class Training(_Strict):
         return Augment(self.jitter_days, self.offset_std, self.date_noise_p, self.band_drop_p)
 
 
+class ParcelTraining(_Strict):
+    """The parcel path (``level: parcel`` or ``cropmap run --level parcel``): PSE-TSA on parcel pixel sets."""
+
+    model: Literal["psetae"] = "psetae"
+    fusion: Literal["none", "early", "pse", "tsa", "decision"] = "tsa"
+    sensors: Literal["s2", "s1", "s1+s2"] = "s1+s2"
+    alignment: Literal["nn", "linear"] = "nn"
+    """S1 -> S2 date alignment of early and PSE fusion: nearest unused date or linear interpolation."""
+    s2_date_fraction: float | None = Field(default=None, gt=0, le=1)
+    until: str | None = Field(default=None, pattern=r"^\d\d-\d\d$")
+    """Early-season experiment: series end at this MM-DD of the season year."""
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=16, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    loss: Literal["ce", "focal"] = "focal"
+    focal_gamma: float = Field(default=1.0, ge=0)
+    class_weighting: Literal["sqrt", "balanced", "none"] = "none"
+    patience: int = Field(default=20, ge=1)
+    sample_pixels: int = Field(default=32, ge=1)
+    """Pixels drawn per parcel and training step (the study: 64)."""
+    max_pixels: int = Field(default=64, ge=1)
+    """Pixels stored per parcel (a seeded random draw); evaluation uses all of them."""
+    min_clear_fraction: float = Field(default=0.5, gt=0, le=1)
+    """An optical date is kept for a parcel when at least this fraction of its pixels is clear."""
+    s1_window_days: int = Field(default=12, ge=0, le=60)
+    """Radar acquisitions averaged (in linear power) over this many days (0: raw acquisitions)."""
+
+
 class Parcels(_Strict):
     path: str
     """Parcel file (Shapefile, GeoPackage or GeoParquet), relative to ``regions/`` or absolute; kept local."""
@@ -237,6 +265,16 @@ class Gee(_Strict):
     block_size_m: float = Field(default=10_000, gt=0)
     """Training samples are split train/val/test by spatial blocks of this side."""
     tile_scale: int = Field(default=4, ge=1, le=16)
+    cubes: Literal["export", "pixels"] = "export"
+    """How the composite cubes travel: ``export`` (batch GeoTIFF exports to the bucket, any size) or
+    ``pixels`` (interactive computePixels requests, no bucket round trip: county-size sites)."""
+    samples: Literal["cube", "table"] = "cube"
+    """Training pixels of the tensors stage: ``cube`` (every labelled pixel of the composite cube,
+    parcel-disjoint splits) or ``table`` (a stratified sample, ``samples_per_class`` per CDL class
+    and tile, of raw clear acquisitions, exported as CSV tables; split by spatial blocks of
+    ``block_size_m``). ``table`` suits state-wide CDL sites, where every labelled pixel is far too many."""
+    max_concurrent_requests: int = Field(default=8, ge=1, le=32)
+    """computePixels requests in flight at once (Earth Engine allows 40 per endpoint)."""
 
     @field_validator("bucket")
     @classmethod
@@ -288,6 +326,9 @@ class Site(_Strict):
     cloud_mask: CloudMask = Field(default_factory=CloudMask)
     tensors: Tensors = Field(default_factory=Tensors)
     training: Training = Field(default_factory=Training)
+    level: Literal["pixel", "parcel"] = "pixel"
+    """``parcel``: ``cropmap run`` maps parcels (PSE-TSA, ``parcel:``) instead of pixels."""
+    parcel: ParcelTraining = Field(default_factory=ParcelTraining)
 
     @field_validator("name")
     @classmethod
@@ -301,6 +342,9 @@ class Site(_Strict):
         xmin, ymin, xmax, ymax = self.extent
         if not (xmin < xmax and ymin < ymax):
             raise ValueError(f"extent must be [xmin, ymin, xmax, ymax] with min < max, got {list(self.extent)}")
+        if self.gee is not None and self.gee.samples == "table" and self.label_source != "cdl":
+            raise ValueError("gee.samples: table samples CDL labels in Earth Engine; with label_source "
+                             f"{self.label_source!r} (labels kept local) use gee.samples: cube")
         if self.default_year is not None and self.default_year not in self.years:
             raise ValueError(f"default_year {self.default_year} is not one of years {self.years}")
         if self.source == "local" and self.local is None:

@@ -153,14 +153,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     work = work_dir_for(out_dir)
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
-    ensure_writable_dir(work)
-    tlog = TrainingLog(work)
-
-    def log_epoch(row: dict) -> None:
-        tlog(row)
-        if on_epoch:
-            on_epoch(row)
-
+    tlog, log_epoch = epoch_logger(work, on_epoch)
     try:
         result: FitResult = fit(
             model, sub(train_idx), y[train_idx], mean, std, cfg,
@@ -186,15 +179,35 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         "torch_version": torch.__version__,
         **(extra_meta or {}),
     }
+    write_directory(out_dir, work, lambda tmp: save_model(tmp, model, meta), result.history, extra_files)
+    return meta
+
+
+def epoch_logger(work: Path, on_epoch: Callable[[dict], None] | None) -> tuple[TrainingLog, Callable[[dict], None]]:
+    """The live log of a training in ``work`` and the per-epoch callback that feeds it (then ``on_epoch``)."""
+    ensure_writable_dir(work)
+    tlog = TrainingLog(work)
+
+    def log_epoch(row: dict) -> None:
+        tlog(row)
+        if on_epoch:
+            on_epoch(row)
+
+    return tlog, log_epoch
+
+
+def write_directory(out_dir: Path, work: Path, save: Callable[[Path], None], history: list[dict],
+                    extra_files: dict[str, object] | None = None) -> None:
+    """Write a model/encoder directory atomically (weights via ``save``, history, TensorBoard logs,
+    extra JSON files), then remove the training's work directory."""
     with atomic_path(Path(out_dir), is_dir=True) as tmp:
-        save_model(tmp, model, meta)
-        write_history(tmp / "history.csv", result.history)
+        save(tmp)
+        write_history(tmp / "history.csv", history)
         if (work / "tensorboard").is_dir():
             shutil.copytree(work / "tensorboard", tmp / "tensorboard")
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    return meta
 
 
 def pretrained_model_name(directory: Path) -> str:

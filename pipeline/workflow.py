@@ -46,7 +46,7 @@ from .runner import Stage, StageContext
 from .samples import load_store, save_store
 from .sites import Legend, Site, load_legend
 from .splits import ParcelSplit, parcel_split
-from .tensors import concat_samples, labelled_samples, unlabelled_samples
+from .tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from .train import as_series, class_table, encode_labels, train_model
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,15 @@ def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
 
 
 def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None,
-                 gee_client=None, until: str | None = None, transfer_from: Path | None = None,
+                 gee_client=None, level: str | None = None, until: str | None = None, transfer_from: Path | None = None,
                  compare_scratch: bool = True, previous_map: Path | None = None) -> tuple[list[Stage], Legend]:
     """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
-    Earth Engine client of a ``source: gee`` site (tests use the fake one). ``until`` (MM-DD) cuts
-    every series at that day of its year (early season, :mod:`.season`); ``transfer_from`` (last
-    year's ``models/``) initialises training and adds the ``transfer`` comparison stage
-    (:mod:`.transfer`); ``previous_map`` (last year's crop map) adds year-over-year changes to the report."""
+    Earth Engine client of a ``source: gee`` site (tests use the fake one). ``level`` (default: the
+    site's ``level``) ``parcel`` replaces the stages after labels by the parcel stages
+    (:mod:`cropmap.pipeline.parcel_workflow`). ``until`` (MM-DD) cuts every series at that day of its
+    year (early season, :mod:`.season`); ``transfer_from`` (last year's ``models/``) initialises
+    training and adds the ``transfer`` comparison stage (:mod:`.transfer`; pixel level);
+    ``previous_map`` (last year's crop map) adds year-over-year changes to the report."""
     legend = load_legend(site.legend)
     tr = site.training
     if epochs is not None:
@@ -113,7 +115,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             return read_tile(site, tid, tyear)
 
         def read_codes(ctx, tid):
-            return read_label_raster(site, tid)
+            return (*read_label_raster(site, tid), None)
 
     cut = season.parse_until(until)
     if cut is not None:
@@ -155,8 +157,9 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         tables, unmapped = [], {}
         with atomic_path(out, is_dir=True) as tmp:
             for tid, tyear in tiles:
-                codes, grid = read_codes(ctx, tid)
-                tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform)
+                codes, grid, parcel_ids = read_codes(ctx, tid)
+                tl = tile_labels(codes, legend, tile=tid, tile_index=tile_index[tid], year=tyear, transform=grid.transform,
+                                 parcel_ids=parcel_ids)
                 profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=f"EPSG:{grid.epsg}",
                                transform=grid.transform, compress="deflate")
                 with rasterio.open(tmp / f"{tid}_class.tif", "w", dtype="uint8", nodata=0, **profile) as ds:
@@ -169,25 +172,37 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
             parcels = pd.concat(tables, ignore_index=True)
             parcels.to_parquet(tmp / "parcels.parquet", index=False)
         per_class = parcels.groupby("class_name").agg(parcels=("parcel_id", "size"), pixels=("n_pixels", "sum"))
-        ctx.report.update(parcels=int(len(parcels)), per_class=per_class.to_dict(orient="index"),
+        ctx.report.update(parcels=int(parcels["parcel_id"].nunique()), per_class=per_class.to_dict(orient="index"),
                           unmapped_source_codes=unmapped)
         ctx.report.update(ctx.report.pop("gee", {}))
         if unmapped:
             ctx.report["notes"] = ctx.report.get("notes", []) + [f"tile {t}: source codes not in legend {legend.name!r} (pixels): {u}" for t, u in unmapped.items()]
         return {"labels": "labels"}
 
+    sample_tables = site.source == "gee" and site.gee.samples == "table"
+
     def tensors(ctx: StageContext) -> dict[str, str]:
         cube_dir, label_dir = ctx.upstream["ingest"]["cube"], ctx.upstream["labels"]["labels"]
         names = {c.code: c.name for c in legend.classes}
-        parts = []
-        for tid, _ in trained:
-            with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
-                classes = ds.read(1)
-            with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
-                parcels = ds.read(1)
-            parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
-                                          s1_window=site.tensors.s1_window_days))
-        samples = concat_samples(parts)
+        if sample_tables:  # stratified, spatially blocked sample tables exported by Earth Engine
+            leaves = gee_src.export_samples(ctx.run_dir)
+            samples = gee_src.read_samples(leaves, ctx.run_dir / "gee" / "files", legend, s1_window=site.tensors.s1_window_days)
+            cube_bands_ = cube_bands(open_cube(cube_dir / f"{trained[0][0]}.zarr"))
+            if samples.bands != cube_bands_:
+                raise StageError(f"exported sample tables have bands {samples.bands}, the cubes {cube_bands_}",
+                                 fix="delete RUN/gee/files and the samples exports, then rerun")
+            ctx.report.update(samples_from="Earth Engine sample tables (split unit: spatial blocks of gee.block_size_m)",
+                              exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.samples_eecu_seconds / 3600, 4))
+        else:
+            parts = []
+            for tid, _ in trained:
+                with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
+                    classes = ds.read(1)
+                with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
+                    parcels = ds.read(1)
+                parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
+                                              s1_window=site.tensors.s1_window_days))
+            samples = concat_samples(parts)
         save_store(samples, ctx.path("samples/pixels"))
         ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
                           mean_length=round(float(samples.lengths.mean()), 1), tiles=[t for t, _ in trained],
@@ -312,22 +327,26 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return {"metrics": "metrics.json"}
 
     def report(ctx: StageContext) -> dict[str, str]:
-        metrics = json.loads(ctx.upstream["evaluate"]["metrics"].read_text())
+        evaluated, predicted = (ctx.upstream["evaluate"], ctx.upstream["predict"]) if "evaluate" in ctx.upstream else \
+            (ctx.upstream["parcel_evaluate"], ctx.upstream["parcel_predict"])
+        metrics = json.loads(evaluated["metrics"].read_text())
         report_mod.write_report(ctx.path("report.html"), site=site, year=year, legend=legend, metrics=metrics,
-                                preview=ctx.upstream["predict"]["preview"], run_dir=ctx.run_dir,
-                                map_path=ctx.upstream["predict"]["map"], labels_dir=ctx.upstream["labels"]["labels"],
+                                preview=predicted["preview"], run_dir=ctx.run_dir, map_path=predicted.get("map"),
+                                labels_dir=ctx.upstream["labels"]["labels"] if "labels" in ctx.upstream else None,
                                 label_tiles=[t for t, _ in mapped], previous_map=previous_map,
                                 transfer=ctx.upstream["transfer"]["transfer"] if "transfer" in ctx.upstream else None)
         return {"report": "report.html"}
 
     common = {"site": site.name, "year": year}
-    source_cfg = ({"gee": site.gee.model_dump(), "parcels": site.parcels.model_dump() if site.parcels else None}
+    source_cfg = ({"gee": site.gee.model_dump(exclude={"samples"}), "parcels": site.parcels.model_dump() if site.parcels else None}
                   if site.source == "gee" else {"label_variable": site.local.label_variable})
     stages = [
         Stage("ingest", ingest, inputs=source_files, config={**common, "tiles": tiles, "bands": site.bands.model_dump(), **({"until": list(cut)} if cut else {}),
                                                               "cloud_mask": site.cloud_mask.model_dump(), **source_cfg}),
         Stage("labels", labels, inputs=label_files, config={**common, "tiles": tiles, "legend": legend_doc, **source_cfg}),
-        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump()}),
+        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump(),
+                                                                      **({"samples": site.gee.model_dump(include={"samples", "samples_per_class",
+                                                                          "block_size_m"})} if sample_tables else {})}),
         *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
                                                                  "model_options": tr.model_options, **site.tensors.model_dump()})]
           if pretraining else []),
@@ -347,18 +366,29 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         Stage("report", report, after=["labels", "predict", "evaluate", *(["transfer"] if transfer_from is not None and compare_scratch else [])],
               config={**common, "report": report_mod.REPORT_VERSION}, inputs=[previous_map] if previous_map is not None else []),
     ]
+    if (level or site.level) == "parcel":
+        from .parcel_workflow import parcel_stages
+
+        stages = [*stages[:2], *parcel_stages(site, year, legend, tiles=tiles, mapped=mapped, trained=trained, device=device,
+                                              epochs=epochs, common=common),
+                  Stage("report", report, after=["parcel_predict", "parcel_evaluate"], config={**common, "level": "parcel"})]
     return stages, legend
 
 
 def _gee_readers(site: Site, src, legend: Legend):
     """read_cube / read_codes of a ``source: gee`` site: the first call of a stage runs its exports
     (task manager, resumable), then each tile is read back from the exported files."""
-    from .ingest.gee.source import rasterize_parcels, read_parcels
+    from .ingest.gee.source import PARCEL_ID, burn_parcels, read_parcels
 
     tiles = {t.name: t for t in src.tiles}
     exported: dict[str, dict] = {}
 
     def read_cube(ctx: StageContext, tid: str, tyear: int):
+        if site.gee.cubes == "pixels":
+            cube = src.pixels_cube(tiles[tid])
+            st = src.pixel_stats
+            ctx.report["gee"] = {"pixel_requests": st.requests, "pixel_retries": st.retries, "pixel_splits": st.splits}
+            return cube, []
         if "cubes" not in exported:
             exported["cubes"] = src.export_cubes(ctx.run_dir)
             ctx.report["gee"] = {"exports": sum(len(v) for t in exported["cubes"].values() for v in t.values()),
@@ -371,11 +401,15 @@ def _gee_readers(site: Site, src, legend: Legend):
         if site.label_source == "parcels":
             if "parcels" not in exported:
                 exported["parcels"] = read_parcels(site)
-            return rasterize_parcels(exported["parcels"], tile.grid, site.parcels.code_column), tile.grid
+                if site.parcels.id_column:
+                    ctx.report["gee"] = {"notes": [f"parcel ids from column {site.parcels.id_column} of {site.parcels.resolved().name}"]}
+            codes, ids = burn_parcels(exported["parcels"], tile.grid, site.parcels.code_column,
+                                      PARCEL_ID if site.parcels.id_column else None)
+            return codes, tile.grid, ids
         if "cdl" not in exported:
             exported["cdl"], note = src.export_cdl(ctx.run_dir)
             ctx.report["gee"] = {"notes": [note]}
-        return src.read_cdl(tile, exported["cdl"][tid], ctx.run_dir / "gee" / "files"), tile.grid
+        return src.read_cdl(tile, exported["cdl"][tid], ctx.run_dir / "gee" / "files"), tile.grid, None
 
     return read_cube, read_codes
 

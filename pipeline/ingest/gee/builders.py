@@ -61,6 +61,11 @@ def composite_periods(gee: Gee, year: int) -> list[Period]:
     return out
 
 
+def period_band_names(n_periods: int, bands: list[str]) -> list[str]:
+    """``p{p:03d}_<band>`` for every period, bands varying fastest (the composite images' band order)."""
+    return [f"p{i:03d}_{b}" for i in range(n_periods) for b in bands]
+
+
 def tile_geometry(tile: ExportTile) -> ee.Geometry:
     xmin, ymin, xmax, ymax = tile.grid.bounds
     return ee.Geometry.Rectangle([xmin, ymin, xmax, ymax], ee.Projection(tile.crs), False)
@@ -185,8 +190,25 @@ def stratified_points(labels: ee.Image, region: ee.Geometry, site: Site, seed: i
     return pts.map(annotate)
 
 
-def sample_table(points: ee.FeatureCollection, acquisitions: ee.ImageCollection, site: Site) -> ee.FeatureCollection:
-    """The long table: one row per point and clear acquisition (point properties + date + bands)."""
+def s1_acquisitions(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee, bands: list[str]) -> ee.ImageCollection:
+    """Raw S1 acquisitions (dB) of the site's orbit pass with ``doy`` and ``date`` properties."""
+
+    def add_date(img: ee.Image) -> ee.Image:
+        date = img.date()
+        return img.set({"doy": date.getRelative("day", "year").add(1), "date": date.format("YYYY-MM-dd")})
+
+    return s1_collection(region, start, end, gee, bands).map(add_date)
+
+
+def sample_columns(site: Site) -> list[str]:
+    """Columns of the exported sample table: point properties, date, S2 bands (DN), S1 bands (dB)."""
+    return [*SAMPLE_COLUMNS, *site.bands.s2, *site.bands.s1]
+
+
+def sample_table(points: ee.FeatureCollection, acquisitions: ee.ImageCollection, site: Site,
+                 s1: ee.ImageCollection | None = None) -> ee.FeatureCollection:
+    """The long table: one row per point and clear acquisition (point properties + date + bands);
+    with ``s1``, also one row per point and S1 acquisition (S2 columns empty there, and vice versa)."""
     props = ["sample_id", "label", "block_x", "block_y", "x", "y"]
 
     def per_image(img: ee.Image) -> ee.FeatureCollection:
@@ -194,7 +216,8 @@ def sample_table(points: ee.FeatureCollection, acquisitions: ee.ImageCollection,
                                  projection=ee.Projection(site.crs), tileScale=site.gee.tile_scale, geometries=False)
         return rows.map(lambda f: f.set({"date": img.get("date"), "doy": img.get("doy")}))
 
-    return acquisitions.map(per_image).flatten()
+    rows = acquisitions.map(per_image).flatten()
+    return rows if s1 is None else rows.merge(s1.map(per_image).flatten())
 
 
 # ---------------------------------------------------------------- exports

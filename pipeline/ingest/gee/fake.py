@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ from affine import Affine
 
 from ...cube import TileGrid, grid_of
 from ...sites import Site
-from .builders import S1_NODATA, Period, composite_periods, task_request
+from .builders import S1_NODATA, SAMPLE_COLUMNS, Period, composite_periods, task_request
 from .client import ACTIVE, LocalExports, TaskStatus
 
 ERRORS = {
@@ -35,6 +37,7 @@ ERRORS = {
     "memory": "User memory limit exceeded.",
     "timeout": "Computation timed out.",
     "fatal": "Image.select: Pattern 'B99' did not match any bands.",
+    "429": "Too Many Requests: quota exceeded (HTTP 429)",
 }
 
 
@@ -66,7 +69,8 @@ class FakeClient:
 
     def __init__(self, folder: Path, serve: Callable[[str, dict, Path], None] | None = None,
                  script: dict[str, list[str]] | None = None, other_tasks: list[TaskStatus] | None = None,
-                 info: Callable[[dict], Any] | None = None, eecu_per_task: float = 2.5):
+                 info: Callable[[dict], Any] | None = None, eecu_per_task: float = 2.5,
+                 pixels: Callable[[dict, dict], bytes] | None = None, pixel_script: list[str] | None = None):
         self.folder = Path(folder)
         self.exports = LocalExports(self.folder)
         self.serve = serve
@@ -82,6 +86,14 @@ class FakeClient:
         self.slept = 0.0
         """Seconds the task manager waited (virtual: nothing sleeps)."""
         self._ids = itertools.count(1)
+        self.pixels = pixels or getattr(serve, "pixels", None)
+        """``(serialised expression, request) -> NPY bytes`` answering computePixels (a DemoServer does)."""
+        self.pixel_script = list(pixel_script or [])
+        """Outcomes of the next computePixels calls, in order (``429``, ``memory``, ``fatal``; then ``ok``)."""
+        self.pixel_requests: list[dict] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     def _outcome(self, name: str) -> str:
         for key, outcomes in self.script.items():
@@ -132,7 +144,25 @@ class FakeClient:
         return self.exports.fetch(name, dest)
 
     def compute_pixels(self, request: dict) -> bytes:
-        raise NotImplementedError("the fake client serves batch exports only")
+        """computePixels on real demo pixels: the expression is serialised by the real client, the
+        answer is NPY bytes of a structured array (one field per band) on the requested grid."""
+        import ee
+
+        expr = ee.serializer.encode(request["expression"], for_cloud_api=True)  # fails on a malformed expression
+        with self._lock:
+            self.pixel_requests.append({k: v for k, v in request.items() if k != "expression"})
+            outcome = self.pixel_script.pop(0) if self.pixel_script else "ok"
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if outcome != "ok":
+                raise ee.EEException(ERRORS[outcome])
+            if self.pixels is None:
+                raise AssertionError("this FakeClient was given nothing to answer computePixels with")
+            return self.pixels(expr, request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def get_info(self, obj: Any) -> Any:
         import ee
@@ -230,6 +260,8 @@ class DemoServer:
         self.periods = composite_periods(site.gee, year)
         self.shard = shard
         self.seed = seed
+        self._computed: dict[tuple[str, int], np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, name: str, request: dict, folder: Path) -> None:
         kind = name.split("/")[-2]
@@ -245,10 +277,12 @@ class DemoServer:
         nb2, nb1, n = len(self.site.bands.s2), len(self.site.bands.s1), len(self.periods)
         if kind == "s2":
             out = np.zeros((n * (nb2 + 1), grid.height, grid.width), dtype=np.uint16)
-            parts = [(grid_of(c), lambda c=c: s2_composite(c, self.periods)) for c in self.cubes]
+            parts = [(grid_of(c), lambda k=k, c=c: self._cached("s2", k, lambda: s2_composite(c, self.periods)))
+                     for k, c in enumerate(self.cubes)]
         elif kind == "s1":
             out = np.full((n * nb1, grid.height, grid.width), S1_NODATA, dtype=np.float32)
-            parts = [(grid_of(c), lambda c=c: s1_composite(c, self.periods)) for c in self.cubes]
+            parts = [(grid_of(c), lambda k=k, c=c: self._cached("s1", k, lambda: s1_composite(c, self.periods)))
+                     for k, c in enumerate(self.cubes)]
         elif kind == "labels":
             out = np.zeros((1, grid.height, grid.width), dtype=np.uint16)
             parts = [(g, lambda codes=codes: codes[None].astype(np.uint16)) for codes, g in self.labels]
@@ -260,26 +294,83 @@ class DemoServer:
                 out[:, w[0], w[1]] = compute()[:, w[2], w[3]]
         return out
 
+    def _cached(self, kind: str, k: int, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if (kind, k) not in self._computed:
+                self._computed[(kind, k)] = compute()
+            return self._computed[(kind, k)]
+
+    def band_names(self, kind: str) -> list[str]:
+        """Band names of the image :mod:`.builders` makes for ``kind`` (as Earth Engine names them)."""
+        if kind == "labels":
+            return ["label"]
+        bands = [*self.site.bands.s2, "clear"] if kind == "s2" else list(self.site.bands.s1)
+        return [f"p{i:03d}_{b}" for i in range(len(self.periods)) for b in bands]
+
+    def pixels(self, expr: dict, request: dict) -> bytes:
+        """Answer a computePixels request: which image (S2 or S1 composites, CDL labels) is read from
+        the collections the serialised expression loads; the grid must be on the site's pixel grid."""
+        from .pixels import encode_npy, request_grid
+
+        text = json.dumps(expr)
+        kind = ("s2" if '"COPERNICUS/S2_SR_HARMONIZED"' in text else "s1" if '"COPERNICUS/S1_GRD"' in text
+                else "labels" if "USDA/NASS/CDL" in text else None)
+        if kind is None:
+            raise ValueError("the demo server answers computePixels for S2/S1 composites and CDL labels only")
+        grid = request_grid(request)
+        res = self.site.resolution
+        ox, oy = self.site.gee.grid_origin
+        on_grid = all(np.isclose(v, round(v)) for v in ((grid.transform.c - ox) / res, (grid.transform.f - oy) / res))
+        if (grid.epsg != self.site.epsg or not on_grid
+                or not (np.isclose(grid.transform.a, res) and np.isclose(grid.transform.e, -res))):
+            raise ValueError(f"the demo server serves the site's pixel grid only (EPSG:{self.site.epsg}, {res} m)")
+        names = self.band_names(kind)
+        wanted = request.get("bandIds") or names
+        unknown = [b for b in wanted if b not in names]
+        if unknown:
+            import ee
+
+            raise ee.EEException(f"Image.select: Pattern '{unknown[0]}' did not match any bands.")
+        data = self.render(kind, grid)
+        return encode_npy(data[[names.index(b) for b in wanted]], list(wanted))
+
     def serve_samples(self, name: str, request: dict, folder: Path) -> None:
-        """Stratified points (``samples_per_class`` per label code) and their clear raw acquisitions as CSV."""
+        """Stratified points (``samples_per_class`` per label code, inside the export's tile when it is
+        one of the site's) with their clear raw S2 acquisitions (DN) and S1 acquisitions (dB) as CSV."""
+        from .tiles import site_tiles
+
         rng = np.random.default_rng(self.seed)
         block = self.site.gee.block_size_m
+        tiles = {t.name: t for t in site_tiles(self.site)}
+        leaf = name.split("/")[-1]
+        tile = next((t for n, t in tiles.items() if leaf == n or (leaf.startswith(n) and set(leaf[len(n):]) <= set("q0123"))), None)
+        if tile is not None and leaf != tile.name:  # a split tile: its quadrant
+            for q in leaf[len(tile.name):].split("q")[1:]:
+                tile = tile.split()[int(q)]
+        b2, b1 = list(self.site.bands.s2), list(self.site.bands.s1)
         rows = []
         for (codes, lgrid), cube in zip(self.labels, self.cubes):
-            dn, clear = cube["s2"].values, cube["s2_clear"].values
-            days = pd.to_datetime(cube["time_s2"].values)
-            for code in np.unique(codes[codes > 0]):
-                rr, cc = np.nonzero(codes == code)
+            dn, clear, s1 = cube["s2"].values, cube["s2_clear"].values, cube["s1"].values
+            days2, days1 = pd.to_datetime(cube["time_s2"].values), pd.to_datetime(cube["time_s1"].values)
+            inside = np.ones(codes.shape, bool)
+            if tile is not None:
+                w = _window(lgrid, tile.grid)
+                inside[:] = False
+                if w is not None:
+                    inside[w[0], w[1]] = True
+            for code in np.unique(codes[(codes > 0) & inside]):
+                rr, cc = np.nonzero((codes == code) & inside)
                 pick = rng.choice(len(rr), size=min(self.site.gee.samples_per_class, len(rr)), replace=False)
                 for k in pick:
                     r, c = int(rr[k]), int(cc[k])
                     x, y = lgrid.transform @ (c + 0.5, r + 0.5)
-                    sid = f"{cube.attrs['tile']}_{r}_{c}"
+                    point = {"sample_id": f"{cube.attrs['tile']}_{r}_{c}", "label": int(code), "block_x": int(x // block),
+                             "block_y": int(y // block), "x": x, "y": y}
                     for t in np.nonzero(clear[:, r, c])[0]:
-                        rows.append({"sample_id": sid, "label": int(code), "block_x": int(x // block), "block_y": int(y // block),
-                                     "x": x, "y": y, "date": days[t].strftime("%Y-%m-%d"),
-                                     **{b: int(dn[t, j, r, c]) for j, b in enumerate(self.site.bands.s2)}})
-        columns = request.get("selectors") or list(rows[0])
+                        rows.append({**point, "date": days2[t].strftime("%Y-%m-%d"), **{bd: int(dn[t, j, r, c]) for j, bd in enumerate(b2)}})
+                    for t in np.nonzero(~np.isnan(s1[:, :, r, c]).all(axis=1))[0] if b1 else []:
+                        rows.append({**point, "date": days1[t].strftime("%Y-%m-%d"), **{bd: float(s1[t, j, r, c]) for j, bd in enumerate(b1)}})
+        columns = request.get("selectors") or [*SAMPLE_COLUMNS, *b2, *b1]
         path = folder / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows, columns=columns).to_csv(path, index=False)

@@ -103,24 +103,70 @@ def block_split(block_x: np.ndarray, block_y: np.ndarray, seed: int, test_fracti
     return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
 
 
-def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: int, *, seed: int = 0) -> PixelSamples:
-    """The exported long table (one row per point and clear acquisition, DN bands) as pixel samples:
-    reflectance bands, legend class codes (unmapped codes dropped), spatial-block ``split``."""
-    need = ["sample_id", "label", "date", "x", "y", "block_x", "block_y", *site.bands.s2]
+def block_parcel_id(block_x: np.ndarray, block_y: np.ndarray) -> np.ndarray:
+    """A positive int64 id per spatial block (the split unit of table samples, see :func:`samples_from_table`)."""
+    bx, by = np.asarray(block_x, np.int64), np.asarray(block_y, np.int64)
+    return (bx + 2**20) * 2**21 + (by + 2**20) + 1
+
+
+def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: int, *, seed: int = 0, s1_window: int = 0,
+                       tile: str = "") -> PixelSamples:
+    """The exported long table (one row per point and S2 clear acquisition, DN bands, or S1
+    acquisition, dB bands) as pixel samples in the format of the cube path: reflectance and dB
+    bands in the cube's band order, S2 and S1 observations of one day on one row, S1 averaged
+    over ``s1_window`` days in linear power (as :func:`cropmap.pipeline.tensors.cube_series`),
+    legend class codes (unmapped codes dropped). ``parcel_id`` is the sample's spatial block
+    (``gee.block_size_m``), so parcel-disjoint splits of the train stage are block-disjoint;
+    ``split`` is the seeded block split of :func:`block_split`."""
+    bands_s2, bands_s1 = list(site.bands.s2), list(site.bands.s1)
+    need = ["sample_id", "label", "date", "x", "y", "block_x", "block_y", *bands_s2, *bands_s1]
     missing = [c for c in need if c not in table.columns]
     if missing:
         raise DataError(f"exported sample table lacks column(s) {missing}", fix="delete the export and rerun: it is from another configuration")
+    if table.empty:
+        raise DataError("the exported sample tables have no rows (no labelled pixel in the site?)",
+                        fix="check the labels of the site and year, or use gee.samples: cube")
     lookup = legend.source_lookup()
     codes = table["label"].astype(int).map(lookup)
     df = table[codes.notna()].copy()
     df["label"] = codes[codes.notna()].astype(int)
-    for b in site.bands.s2:
+    for b in bands_s2:
         df[b] = df[b].astype(np.float32) * np.float32(S2_SCALE)
+    for b in bands_s1:
+        df[b] = df[b].astype(np.float32)
+    df["date"] = pd.to_datetime(df["date"])
+    if bands_s1 and s1_window > 1:
+        df = _composite_s1_rows(df, bands_s2, bands_s1, s1_window)
+    # one row per sample and day (an S2 and an S1 acquisition of one day share it, first value kept)
+    df = df.groupby(["sample_id", "date"], as_index=False, sort=False).first()
     tr = site.training
     df["split"] = block_split(df["block_x"].to_numpy(), df["block_y"].to_numpy(), seed, tr.test_fraction, tr.val_fraction)
+    df["parcel_id"] = block_parcel_id(df["block_x"].to_numpy(), df["block_y"].to_numpy())
     df["epsg"] = site.epsg
     df["season_year"] = int(year)
-    df = df[["sample_id", "date", *site.bands.s2, "label", "split", "x", "y", "epsg", "season_year"]]
+    df["tile"] = tile
+    df = df[["sample_id", "date", *bands_s2, *bands_s1, "label", "split", "parcel_id", "x", "y", "epsg", "season_year", "tile"]]
     samples = long_table_to_samples(df, source="Earth Engine sample export")
     samples.class_names = {c.code: c.name for c in legend.classes}
     return samples
+
+
+def _composite_s1_rows(df: pd.DataFrame, bands_s2: list[str], bands_s1: list[str], window: int) -> pd.DataFrame:
+    """S1 rows averaged per sample over ``window``-day bins (linear power), dated by the bins' mean day."""
+    is_s1 = df[bands_s1].notna().any(axis=1) & df[bands_s2].isna().all(axis=1)
+    s1 = df[is_s1].copy()
+    if s1.empty:
+        return df
+    day = (s1["date"] - s1["date"].min()).dt.days
+    s1["_bin"] = day // window
+    s1["_day"] = day
+    for b in bands_s1:
+        s1[b] = np.power(10.0, s1[b].astype(np.float64) / 10.0)
+    keys = ["sample_id", "_bin"]
+    firsts = s1.groupby(keys, sort=False).first()
+    means = s1.groupby(keys, sort=False)[[*bands_s1, "_day"]].mean()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for b in bands_s1:
+            firsts[b] = (10.0 * np.log10(means[b])).astype(np.float32)
+    firsts["date"] = s1["date"].min() + pd.to_timedelta(np.round(means["_day"]).astype(int), unit="D")
+    return pd.concat([df[~is_s1], firsts.reset_index().drop(columns=["_bin", "_day"])], ignore_index=True)

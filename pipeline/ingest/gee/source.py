@@ -20,6 +20,7 @@ from ...cube import TileGrid
 from ...errors import DataError, SiteError
 from ...sites import Site
 from .client import Client, output_files
+from .pixels import FetchStats
 from .tasks import Job, TaskManager
 from .tiles import ExportTile, export_name, site_tiles
 
@@ -49,6 +50,8 @@ class GeeSource:
         self.tiles: list[ExportTile] = site_tiles(site)
         self._client_factory = client_factory
         self._client: Client | None = None
+        self.pixel_stats = FetchStats()
+        """computePixels requests, retries and splits of this source (reported by the ingest stage)."""
 
     @property
     def client(self) -> Client:
@@ -107,6 +110,25 @@ class GeeSource:
         return composite_cube(s2, s1, composite_periods(self.site.gee, self.year), tile, self.site, self.year,
                               sources=[*leaves["s2"], *leaves.get("s1", [])])
 
+    def pixels_cube(self, tile: ExportTile) -> xr.Dataset:
+        """The cube of one tile fetched interactively (computePixels, no bucket round trip): the same
+        composites, grid and cube format as :meth:`read_cube` of the batch exports."""
+        from . import builders as b
+        from .pixels import fetch_pixels
+        from .readback import composite_cube
+
+        g = self.site.gee
+        periods = b.composite_periods(g, self.year)
+        region = b.tile_geometry(tile)
+        kw = dict(concurrency=g.max_concurrent_requests, max_split_depth=g.max_split_depth, stats=self.pixel_stats)
+        bands2, bands1 = list(self.site.bands.s2), list(self.site.bands.s1)
+        s2 = fetch_pixels(self.client, b.s2_composites(region, periods, g, bands2), tile.grid,
+                          b.period_band_names(len(periods), [*bands2, "clear"]), np.uint16, **kw)
+        s1 = (fetch_pixels(self.client, b.s1_composites(region, periods, g, bands1), tile.grid,
+                           b.period_band_names(len(periods), bands1), np.float32, **kw) if bands1 else None)
+        return composite_cube(s2, s1, periods, tile, self.site, self.year,
+                              sources=[f"computePixels:{k}/{tile.name}" for k in (["s2", "s1"] if bands1 else ["s2"])])
+
     # ------------------------------------------------------------ labels
     def check_cdl(self) -> tuple[bool, str]:
         """Is the year's CDL published, and does it have a confidence band? Returns (has_confidence, note)."""
@@ -135,6 +157,53 @@ class GeeSource:
                            lambda job: b.image_export(image, job.tile, job.name, self.site.gee, no_data=0))
         leaves = mgr.run(jobs)
         return {t.name: leaves[self.name("labels", t.name)] for t in self.tiles}, note
+
+    # ------------------------------------------------------------ training sample tables
+    def export_samples(self, run_dir: Path) -> dict[str, list[str]]:
+        """Per tile, a CSV table export of stratified points (``samples_per_class`` per CDL class,
+        with spatial block ids) and their raw clear S2 and S1 acquisitions; tile -> leaf names."""
+        from . import builders as b
+
+        has_conf, _ = self.check_cdl()
+        labels = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
+        start, end = b.season(self.site.gee, self.year)
+        columns = b.sample_columns(self.site)
+        bands2, bands1 = list(self.site.bands.s2), list(self.site.bands.s1)
+
+        def make_task(job: Job):
+            region = b.tile_geometry(job.tile)
+            points = b.stratified_points(labels, region, self.site, seed=self.year)
+            s1 = b.s1_acquisitions(region, start, end, self.site.gee, bands1) if bands1 else None
+            table = b.sample_table(points, b.s2_acquisitions(region, start, end, self.site.gee, bands2), self.site, s1)
+            return b.table_export(table, job.name, self.site.gee, columns)
+
+        jobs = [Job(self.name("samples", t.name), "samples", t) for t in self.tiles]
+        mgr = self.manager(Path(run_dir) / "gee" / "samples-tasks.json", make_task)
+        leaves = mgr.run(jobs)
+        self.samples_eecu_seconds = mgr.eecu_seconds()
+        return {t.name: leaves[self.name("samples", t.name)] for t in self.tiles}
+
+    def read_samples(self, leaves: dict[str, list[str]], cache: Path, legend, *, s1_window: int = 0):
+        """The exported sample tables of every tile as one :class:`~cropmap.pipeline.samples.PixelSamples`."""
+        from ...tensors import concat_samples
+        from .readback import samples_from_table
+
+        parts = []
+        for tile, names in leaves.items():
+            frames = []
+            for path in self._files(names, cache):
+                try:
+                    frames.append(pd.read_csv(path))
+                except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+                    raise DataError(f"exported sample table {path.name} is not readable CSV ({type(exc).__name__})",
+                                    fix="delete it and rerun: it is exported again") from None
+            table = pd.concat(frames, ignore_index=True)
+            if len(table):
+                parts.append(samples_from_table(table, self.site, legend, self.year, s1_window=s1_window, tile=tile))
+        if not parts:
+            raise DataError(f"the exported sample tables of {self.site.name} {self.year} have no rows",
+                            fix="check the site's labels for the year, or use gee.samples: cube")
+        return concat_samples(parts)
 
     def read_cdl(self, tile: ExportTile, leaves: list[str], cache: Path) -> np.ndarray:
         from .readback import read_shards
@@ -169,16 +238,46 @@ def read_parcels(site: Site):
         raise DataError(f"parcel file {path.name}: column {p.code_column} holds non-numeric code {bad.iloc[0]!r}",
                         fix="use a numeric code column (RPG CODE_GROUP, EuroCrops EC_hcat_c)")
     df[p.code_column] = codes.fillna(0).astype(np.int64)
+    if p.id_column:
+        df[PARCEL_ID] = parcel_ids(df[p.id_column], path.name, p.id_column)
     return df.to_crs(site.crs)
 
 
-def rasterize_parcels(parcels, grid: TileGrid, code_column: str) -> np.ndarray:
-    """Parcel codes burnt onto ``grid`` (pixel centres inside a parcel; 0 = none), int32."""
+PARCEL_ID = "_cropmap_parcel_id"
+"""Column of :func:`read_parcels` holding the positive integer parcel id taken from ``parcels.id_column``."""
+
+
+def parcel_ids(values: pd.Series, file: str, column: str) -> np.ndarray:
+    """Positive int64 parcel ids from an id column: the numbers themselves when every value is a
+    positive integer (RPG ``ID_PARCEL`` is a digit string), else 1..N in order of first appearance."""
+    if values.isna().any():
+        raise DataError(f"parcel file {file}: column {column} has {int(values.isna().sum())} empty id(s)",
+                        fix="fill the ids, or unset parcels.id_column to recover parcels from the raster")
+    nums = pd.to_numeric(values, errors="coerce")
+    if nums.notna().all() and (nums > 0).all() and (nums % 1 == 0).all() and nums.max() < 2**62:
+        return nums.astype(np.int64).to_numpy()
+    return pd.factorize(values.astype(str))[0].astype(np.int64) + 1
+
+
+def burn_parcels(parcels, grid: TileGrid, code_column: str, id_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Parcel codes (int32) and, with ``id_column``, parcel ids (int64) burnt onto ``grid`` from one
+    rasterisation (pixel centres inside a parcel; 0 = none; where parcels overlap the last one wins)."""
     from rasterio.features import rasterize
 
     xmin, ymin, xmax, ymax = grid.bounds
     sel = parcels.cx[xmin:xmax, ymin:ymax]
-    shapes = [(geom, int(code)) for geom, code in zip(sel.geometry, sel[code_column]) if geom is not None and not geom.is_empty]
-    if not shapes:
-        return np.zeros((grid.height, grid.width), dtype=np.int32)
-    return rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform, fill=0, dtype="int32")
+    keep = [k for k, geom in enumerate(sel.geometry) if geom is not None and not geom.is_empty]
+    empty = np.zeros((grid.height, grid.width), dtype=np.int32)
+    if not keep:
+        return empty, (empty.astype(np.int64) if id_column else None)
+    # burn row numbers (1-based), then look codes and ids up: both come from the same polygon
+    rows = rasterize([(sel.geometry.iloc[k], i + 1) for i, k in enumerate(keep)], out_shape=(grid.height, grid.width),
+                     transform=grid.transform, fill=0, dtype="int32")
+    codes = np.concatenate([[0], sel[code_column].to_numpy()[keep]]).astype(np.int32)[rows]
+    ids = np.concatenate([[0], sel[id_column].to_numpy()[keep]]).astype(np.int64)[rows] if id_column else None
+    return codes, ids
+
+
+def rasterize_parcels(parcels, grid: TileGrid, code_column: str) -> np.ndarray:
+    """Parcel codes burnt onto ``grid`` (pixel centres inside a parcel; 0 = none), int32."""
+    return burn_parcels(parcels, grid, code_column)[0]

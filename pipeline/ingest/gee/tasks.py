@@ -48,6 +48,11 @@ def classify_error(message: str) -> str:
     return "fatal"
 
 
+def _server_error(exc: Exception) -> bool:
+    """An error answered by Earth Engine (``ee.EEException``, HTTP errors), not a bug of ours."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("ee", "googleapiclient")
+
+
 @dataclass
 class Job:
     """One export: its deterministic object name, what it exports and the tile (None for tables)."""
@@ -190,8 +195,18 @@ class TaskManager:
             return 0
         room = self._capacity()
         for job in pending[:room]:
-            job.task_id = self.client.start_export(self.make_task(job))
+            task = self.make_task(job)
             job.attempts += 1
+            try:
+                job.task_id = self.client.start_export(task)
+            except Exception as exc:
+                if not _server_error(exc):
+                    raise
+                # refused at submission (after the client's own 429/5xx retries): same rules as a failed task
+                log.warning("export %s could not be started: %s", job.name, exc)
+                self._failed(job, str(exc) or type(exc).__name__)
+                self.save()
+                continue
             job.status = "submitted"
             log.info("export %s started as task %s (attempt %d)", job.name, job.task_id, job.attempts)
             self.save()
