@@ -225,7 +225,7 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
                 "preview": "map/preview.png", "classes": "map/crops.tif.classes.json"}
 
     def parcel_evaluate(ctx: StageContext) -> dict[str, str]:
-        from .workflow import _summary
+        from .workflow import _summary, model_vs_baseline
 
         samples = load_parcel_store(ctx.upstream["parcel_tensors"]["samples"])
         models_dir, base_dir = ctx.upstream["parcel_train"]["models"], ctx.upstream["parcel_train"]["baselines"]
@@ -250,8 +250,6 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
                          "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
                          "model": model_m, "baseline": base_m})
         model, base = _summary([r["model"] for r in runs]), _summary([r["baseline"] for r in runs])
-        oa_gain = [r["model"]["overall_accuracy"] - r["baseline"]["overall_accuracy"] for r in runs]
-        f1_gain = [r["model"]["macro_f1"] - r["baseline"]["macro_f1"] for r in runs]
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
         doc = {
@@ -269,12 +267,7 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
             "evaluated_classes": sorted({c for r in runs for c in r["evaluated_classes"]}),
             "train_only_classes": sorted({c for r in runs for c in r["train_only_classes"]}),
             "baseline": {"model": "random_forest (500 trees, depth 25, 30-day medians of parcel-mean series)", **base},
-            "comparison": {
-                "overall_accuracy_gain": round(float(np.mean(oa_gain)), 4),
-                "overall_accuracy_gain_std": round(float(np.std(oa_gain, ddof=1)) if len(oa_gain) > 1 else 0.0, 4),
-                "macro_f1_gain": round(float(np.mean(f1_gain)), 4),
-                "model_better_overall_accuracy_runs": f"{sum(g > 0 for g in oa_gain)}/{len(runs)}",
-            },
+            "comparison": model_vs_baseline(runs),
             "runs": runs,
         }
         write_json(ctx.path("metrics.json"), doc)

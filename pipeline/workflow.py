@@ -447,11 +447,21 @@ def _summary(metric_runs: list[dict]) -> dict:
     return out
 
 
+def model_vs_baseline(runs: list[dict]) -> dict:
+    """Paired gain of the model over the random-forest baseline across split runs (``runs[i]["model"|"baseline"]``)."""
+    oa_gain = [r["model"]["overall_accuracy"] - r["baseline"]["overall_accuracy"] for r in runs]
+    f1_gain = [r["model"]["macro_f1"] - r["baseline"]["macro_f1"] for r in runs]
+    return {
+        "overall_accuracy_gain": round(float(np.mean(oa_gain)), 4),
+        "overall_accuracy_gain_std": round(float(np.std(oa_gain, ddof=1)) if len(oa_gain) > 1 else 0.0, 4),
+        "macro_f1_gain": round(float(np.mean(f1_gain)), 4),
+        "model_better_overall_accuracy_runs": f"{sum(g > 0 for g in oa_gain)}/{len(runs)}",
+    }
+
+
 def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
     model = _summary([r["model"] for r in runs])
     base = _summary([r["baseline"] for r in runs])
-    oa_gain = [r["model"]["overall_accuracy"] - r["baseline"]["overall_accuracy"] for r in runs]
-    f1_gain = [r["model"]["macro_f1"] - r["baseline"]["macro_f1"] for r in runs]
     train_only = sorted({c for r in runs for c in r["train_only_classes"]})
     return {
         "protocol": PROTOCOL.format(
@@ -465,11 +475,6 @@ def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
         "evaluated_classes": sorted({c for r in runs for c in r["evaluated_classes"]}),
         "train_only_classes": train_only,
         "baseline": {"model": "random_forest (500 trees, depth 25, 30-day median features)", **base},
-        "comparison": {
-            "overall_accuracy_gain": round(float(np.mean(oa_gain)), 4),
-            "overall_accuracy_gain_std": round(float(np.std(oa_gain, ddof=1)) if len(oa_gain) > 1 else 0.0, 4),
-            "macro_f1_gain": round(float(np.mean(f1_gain)), 4),
-            "model_better_overall_accuracy_runs": f"{sum(g > 0 for g in oa_gain)}/{len(runs)}",
-        },
+        "comparison": model_vs_baseline(runs),
         "runs": runs,
     }
