@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.enums
+import rasterio.windows
 
 from .fsio import write_text
 from .maps import read_class_table
@@ -172,37 +174,75 @@ def _per_class_plot(per_class: dict) -> str:
     return _png(fig)
 
 
-def _change_preview(current: Path, previous: Path, prev_year: int, year: int, max_size: int = 900) -> str:
+def data_regions(maps: list[Path], *, max_regions: int = 6, coarse: int = 2048, pad: int = 3) -> list[tuple[int, int, int, int]]:
+    """Windows ``(col_off, row_off, width, height)`` around the parts of the maps that hold data.
+
+    The maps (same grid) are read at a coarse scale (longest side at most ``coarse`` px), the
+    cells where any map has a class are grouped into connected regions (after a small dilation,
+    so one field split by nodata stays one region), and each region's bounding box is returned
+    in full-resolution pixels, largest regions first. A site whose tiles lie tens of kilometres
+    apart thus gets one window per tile instead of a few dots in an empty frame.
+    """
+    from scipy import ndimage
+
+    with rasterio.open(maps[0]) as ds:
+        width, height = ds.width, ds.height
+    scale = max(1, int(np.ceil(max(width, height) / coarse)))
+    shape = (max(1, int(np.ceil(height / scale))), max(1, int(np.ceil(width / scale))))
+    any_data = np.zeros(shape, bool)
+    for m in maps:
+        any_data |= _read_small(m, shape) > 0
+    if not any_data.any():
+        return []
+    labels, n = ndimage.label(ndimage.binary_dilation(any_data, iterations=pad))
+    boxes = ndimage.find_objects(labels)
+    sizes = ndimage.sum(any_data, labels, index=np.arange(1, n + 1))
+    order = np.argsort(-sizes)[:max_regions]
+    out = []
+    for i in order:
+        rs, cs = boxes[i]
+        c0, r0 = cs.start * scale, rs.start * scale
+        c1, r1 = min(width, cs.stop * scale), min(height, rs.stop * scale)
+        out.append((int(c0), int(r0), int(c1 - c0), int(r1 - r0)))
+    return sorted(out, key=lambda w: (w[1], w[0]))
+
+
+def _change_preview(current: Path, previous: Path, prev_year: int, year: int, panel: int = 300) -> str:
+    """Previous map, current map and their difference, one row of three panels per data region."""
     from matplotlib.colors import ListedColormap
 
-    with rasterio.open(current) as ds:
-        scale = max(1, int(np.ceil(max(ds.width, ds.height) / max_size)))
-        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
-    cur, prev = _read_small(current, shape), _read_small(previous, shape)
-    rows, cols = np.nonzero((cur > 0) | (prev > 0))
-    if len(rows):
-        pad = 3
-        r0, r1 = max(0, rows.min() - pad), min(shape[0], rows.max() + pad + 1)
-        c0, c1 = max(0, cols.min() - pad), min(shape[1], cols.max() + pad + 1)
-        cur, prev = cur[r0:r1, c0:c1], prev[r0:r1, c0:c1]
-    change = np.zeros(cur.shape, np.uint8)  # 0 none, 1 only last year, 2 only this year, 3 same, 4 changed
-    change[(prev > 0) & (cur == 0)] = 1
-    change[(prev == 0) & (cur > 0)] = 2
-    change[(prev > 0) & (cur > 0) & (prev == cur)] = 3
-    change[(prev > 0) & (cur > 0) & (prev != cur)] = 4
+    regions = data_regions([current, previous])
+    if not regions:
+        return "<p class='note'>Neither map has mapped pixels: no change preview.</p>"
     colors = {c.code: c.color for c in read_class_table(current)}
-    lut = ["#ffffff"] + [colors.get(i, "#888888") for i in range(1, 256)]
-    fig = _figure(12, 4.2, "change preview")
-    for k, (title, arr, cmap, vmax) in enumerate([
-        (f"{prev_year}", prev, ListedColormap(lut), 255), (f"{year}", cur, ListedColormap(lut), 255),
-        ("change", change, ListedColormap(["#ffffff", "#9ecae1", "#fdae6b", "#d9d9d9", "#d62728"]), 4),
-    ]):
-        ax = fig.add_subplot(1, 3, k + 1)
-        ax.imshow(arr, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(title)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"1 px = {scale} map px; change: blue = mapped only in {prev_year}, orange = only in {year}, grey = same class, red = changed")
+    colors.update({c.code: c.color for c in read_class_table(previous) if c.code not in colors})
+    lut = ListedColormap(["#ffffff"] + [colors.get(i, "#888888") for i in range(1, 256)])
+    change_cmap = ListedColormap(["#ffffff", "#9ecae1", "#fdae6b", "#d9d9d9", "#d62728"])
+    fig = _figure(12, 0.6 + 3.8 * len(regions), "change preview")
+    scales = []
+    with rasterio.open(current) as a, rasterio.open(previous) as b:
+        for r, (col, row, w, h) in enumerate(regions):
+            scale = max(1, int(np.ceil(max(w, h) / panel)))
+            scales.append(scale)
+            shape = (max(1, int(np.ceil(h / scale))), max(1, int(np.ceil(w / scale))))
+            win = rasterio.windows.Window(col, row, w, h)
+            cur = a.read(1, window=win, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+            prev = b.read(1, window=win, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+            change = np.zeros(cur.shape, np.uint8)  # 0 none, 1 only last year, 2 only this year, 3 same, 4 changed
+            change[(prev > 0) & (cur == 0)] = 1
+            change[(prev == 0) & (cur > 0)] = 2
+            change[(prev > 0) & (cur > 0) & (prev == cur)] = 3
+            change[(prev > 0) & (cur > 0) & (prev != cur)] = 4
+            x, y = a.xy(row, col, offset="ul")
+            for k, (title, arr, cmap, vmax) in enumerate([(str(prev_year), prev, lut, 255), (str(year), cur, lut, 255),
+                                                          ("change", change, change_cmap, 4)]):
+                ax = fig.add_subplot(len(regions), 3, 3 * r + k + 1)
+                ax.imshow(arr, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+                ax.set_title(f"{title}: window at x={x:.0f}, y={y:.0f}" if k == 0 else title, fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+    px = f"1 px = {scales[0]} map px" if len(set(scales)) == 1 else f"1 px = {min(scales)}–{max(scales)} map px"
+    fig.suptitle(f"{px}; change: blue = mapped only in {prev_year}, orange = only in {year}, grey = same class, red = changed")
     return _png(fig)
 
 
@@ -224,6 +264,15 @@ def _provenance(run_dir: Path) -> str:
             f"<h3>Stages</h3><table>{''.join(st)}</table>"
             + (f"<h3>Inputs</h3><table>{''.join(inp)}</table>" if inputs else "")
             + "<p class='note'>Configs and output checksums: run.json.</p>")
+
+
+def _early_season_banner(run_dir: Path, year: int) -> str:
+    path = Path(run_dir) / "run.json"
+    until = json.loads(path.read_text()).get("early_season_until") if path.exists() else None
+    if not until:
+        return ""
+    return (f"<p class='banner'><b>Early-season map:</b> every series was cut at {_e(until)} of its year "
+            f"(for {year}, acquisitions up to {year}-{_e(until)}); the model and the accuracy below use those dates only.</p>")
 
 
 def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: dict, preview: Path, run_dir: Path,
@@ -291,8 +340,9 @@ def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: 
 <style>body{{font-family:system-ui,sans-serif;max-width:1080px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child{{text-align:left}}.sw{{display:inline-block;width:1em;height:1em;margin-right:.4em;vertical-align:middle;border:1px solid #666}}
-ul.legend{{list-style:none;padding:0;columns:2}}p.note{{color:#555;font-size:90%}}</style></head><body>
+ul.legend{{list-style:none;padding:0;columns:2}}p.note{{color:#555;font-size:90%}}p.banner{{background:#fff4d6;border:1px solid #e0b84f;padding:.5em}}</style></head><body>
 <h1>Crop map of {_e(site.title or site.name)}, {year}</h1>
+{_early_season_banner(run_dir, year)}
 <img alt="crop map preview" style="max-width:100%" src="data:image/png;base64,{png}">
 <h2>Legend</h2><ul class="legend">{legend_rows}</ul>
 {sections[0] if sections and map_path is not None else ''}

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import demo_doc, write_site
 
@@ -306,3 +307,32 @@ def test_checkpoints_never_execute_code(tmp_path):
     torch.save({"signature": {}, "evil": Payload()}, tmp_path / "ckpt.pt")
     assert training._load_state(tmp_path / "ckpt.pt", {}) is None
     assert not marker.exists()
+
+
+def test_early_season_run_end_to_end(tmp_path, sites_dir):
+    """`cropmap run --until` maps with the dates up to the cut only, says so, and is its own run version."""
+    import xarray as xr
+    from test_cli import cropmap
+
+    write_site(sites_dir, demo_doc())
+    out = tmp_path / "runs"
+    env = {**os.environ, "CROPMAP_SITES_DIR": str(sites_dir)}
+    proc = cropmap("run", "--site", "demo-fast", "--until", "05-31", "--out", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    ydir = out / "demo-fast" / "2019"
+    doc = json.loads((ydir / "run.json").read_text())
+    assert doc["status"] == "succeeded" and doc["early_season_until"] == "05-31" and doc["version"] == "v1"
+    for cube in sorted((ydir / "cube").glob("*.zarr")):
+        ds = xr.open_zarr(cube, consolidated=False)
+        cut = np.datetime64(f"{ds.attrs['year']}-06-01")
+        assert ds["time_s2"].values.max() < cut and ds["time_s1"].values.max() < cut, cube
+        assert ds["time_s2"].values.min() < cut  # earlier dates are kept
+    assert "Early-season map:" in (ydir / doc["outputs"]["report"]).read_text()
+    map_sum = sha256_path(ydir / doc["outputs"]["map"])
+    # the full-season run is another version; the early-season one stays as it was
+    proc = cropmap("run", "--site", "demo-fast", "--out", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    full = json.loads((ydir / "run.json").read_text())
+    assert full["version"] == "v2" and not full.get("early_season_until")
+    assert sha256_path(ydir / "versions" / "v1" / "map" / "crops.tif") == map_sum
+    assert "Early-season map:" not in (ydir / full["outputs"]["report"]).read_text()
