@@ -46,10 +46,10 @@ def _png(fig) -> str:
     return f'<img alt="{_e(fig.get_label() or "plot")}" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure(w: float, h: float, label: str):
+def _figure(w: float, h: float, label: str, layout: str | None = None):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h))
+    fig = Figure(figsize=(w, h), layout=layout)
     fig.set_label(label)
     return fig
 
@@ -218,7 +218,7 @@ def _change_preview(current: Path, previous: Path, prev_year: int, year: int, pa
     colors.update({c.code: c.color for c in read_class_table(previous) if c.code not in colors})
     lut = ListedColormap(["#ffffff"] + [colors.get(i, "#888888") for i in range(1, 256)])
     change_cmap = ListedColormap(["#ffffff", "#9ecae1", "#fdae6b", "#d9d9d9", "#d62728"])
-    fig = _figure(12, 0.6 + 3.8 * len(regions), "change preview")
+    fig = _figure(12, 0.6 + 3.8 * len(regions), "change preview", layout="constrained")
     scales = []
     with rasterio.open(current) as a, rasterio.open(previous) as b:
         for r, (col, row, w, h) in enumerate(regions):
@@ -254,7 +254,8 @@ def _provenance(run_dir: Path) -> str:
     inputs = []
     for name, s in doc.get("stages", {}).items():
         how = f"reused from {s['reused_from']}" if s.get("reused_from") else ("skipped" if s.get("skipped") else "")
-        st.append(_row([_e(name), _e(s.get("status")), _e(s.get("seconds", "")), _e(how), f"<code>{_e(str(s.get('fingerprint', ''))[:12])}</code>"]))
+        status = "writing this page" if s.get("status") == "running" and name == "report" else s.get("status")
+        st.append(_row([_e(name), _e(status), _e(s.get("seconds", "")), _e(how), f"<code>{_e(str(s.get('fingerprint', ''))[:12])}</code>"]))
         inputs += [(name, p, fp) for p, fp in s.get("inputs", {}).items()]
     inp = [_row(["stage", "input", "sha256"], "th")] + [_row([_e(n), _e(p), f"<code>{_e(fp[:16])}</code>"]) for n, p, fp in inputs]
     facts = {k: doc.get(k) for k in ("site", "year", "version", "code_version", "version_key", "command", "started",
@@ -286,7 +287,8 @@ def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: 
     rows = [_row(["metric", f"{_e(m['model'])} (mean ± sd)", "random forest (mean ± sd)"], "th")]
     for label, k in scal:
         rows.append(_row([label, f"{m[k]:.3f} ± {m[k + '_std']:.3f}", f"{b[k]:.3f} ± {b[k + '_std']:.3f}"]))
-    pc = [_row(["class", "F1", "IoU", "precision", "recall", "test pixels (all runs)"], "th")]
+    unit = "parcels" if m.get("level") == "parcel" else "patch pixels" if m.get("level") == "patch" else "pixels"
+    pc = [_row(["class", "F1", "IoU", "precision", "recall", f"test {unit} (all runs)"], "th")]
     for name, v in m["per_class"].items():
         pc.append(_row([_e(name), f"{v['f1']:.3f}", f"{v['iou']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}", str(v["support"])]))
     legend_rows = "".join(f'<li><span class="sw" style="background:{c.color}"></span>{c.code} {_e(c.name)}</li>' for c in legend.classes)
@@ -354,7 +356,7 @@ macro F1 {cmp['macro_f1_gain']:+.3f}; better in {cmp['model_better_overall_accur
 Evaluated classes: {_e(', '.join(m['evaluated_classes']))}. Train-only classes (too few parcels to hold one out):
 {_e(', '.join(m['train_only_classes']) or 'none')}.</p>
 <h3>Per class ({_e(m['model'])}, mean over splits)</h3>{_per_class_plot(m['per_class']) if m['per_class'] else ''}<table>{''.join(pc)}</table>
-<h3>Confusion matrix (split seed {m['runs'][0]['seed']}, pixels)</h3>{_confusion_plot(names, first['confusion_matrix'], f"confusion matrix, split seed {m['runs'][0]['seed']}")}
+<h3>Confusion matrix (split seed {m['runs'][0]['seed']}, {unit})</h3>{_confusion_plot(names, first['confusion_matrix'], f"confusion matrix, split seed {m['runs'][0]['seed']}")}
 {''.join(sections[1:] if map_path is not None else sections)}
 <h2>Provenance</h2>{_provenance(run_dir)}
 </body></html>
