@@ -7,7 +7,7 @@ test fraction, train-only single-parcel classes) and evaluates on its held-out p
 table of OA / mIoU / kappa / macro F1 (mean ± sample std over seeds), for all S2 dates and for
 sparse S2 (``--s2-date-fraction``, default 20 % of each parcel's dates, seeded random).
 
-    python benchmarks/parcel_fusion.py [--seeds 0 1 2] [--epochs 30] [--sample-pixels 32] [--cache /tmp/cropmap-parcel-bench]
+    python benchmarks/parcel_fusion.py [--seeds 0 1 2] [--epochs 30] [--sample-pixels 32] [--threads 1] [--cache /tmp/cropmap-parcel-bench]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "parcel_fusion.json")
     ap.add_argument("--sample-pixels", type=int, default=None, help="pixels drawn per parcel and step (default: the site's)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
 
     import torch
@@ -55,7 +56,7 @@ def main() -> None:
     from cropmap.pipeline.parcel_train import ParcelOptions, evaluate_parcel_model, train_parcel_model
     from cropmap.pipeline.splits import parcel_split
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     t00 = time.perf_counter()
     site, samples = demo_parcels(args.cache)
     tr, pc = site.training, site.parcel
