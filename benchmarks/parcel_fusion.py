@@ -26,6 +26,24 @@ import numpy as np
 VARIANTS = [("S2", "none", "s2"), ("S1", "none", "s1"), ("early (nn)", "early", "s1+s2"), ("PSE", "pse", "s1+s2"),
             ("TSA", "tsa", "s1+s2"), ("decision (avg)", "decision", "s1+s2")]
 SPARSE = [("S2", "none", "s2"), ("early (nn)", "early", "s1+s2"), ("TSA", "tsa", "s1+s2"), ("decision (avg)", "decision", "s1+s2")]
+FOREST = ("random forest", "forest", "s1+s2")  # the run's baseline: 30-day medians of the parcel-mean S2 and S1 series
+
+
+def forest_metrics(samples, train, test, opts, seed: int) -> dict:
+    """The baseline of ``cropmap run --level parcel`` on the same split and date experiment."""
+    from cropmap.models.forest import make_forest
+    from cropmap.pipeline.evaluate import metrics_for
+    from cropmap.pipeline.parcel_train import experiment_sets
+    from cropmap.pipeline.parcel_workflow import parcel_mean_features
+    from cropmap.pipeline.train import class_table, encode_labels
+
+    feats = parcel_mean_features(experiment_sets(samples, opts, seed))
+    classes = class_table(samples, train)
+    y = encode_labels(samples, classes)
+    forest = make_forest(seed).fit(feats[train], y[train])
+    proba = np.zeros((len(test), len(classes)), np.float32)
+    proba[:, forest.classes_] = forest.predict_proba(feats[test])
+    return metrics_for(samples.subset(test), proba, classes)
 
 
 def demo_parcels(cache: Path):
@@ -121,13 +139,18 @@ def main() -> None:
     pos = {int(p): i for i, p in enumerate(samples.table["parcel_id"])}
     results = []
     for setting, variants, fraction in (("all S2 dates", VARIANTS, None), (f"{args.s2_date_fraction:.0%} of S2 dates", SPARSE, args.s2_date_fraction)):
-        for label, fusion, sensors in variants:
+        for label, fusion, sensors in [*variants, FOREST]:
             runs = []
             t0 = time.perf_counter()
             for seed in args.seeds:
                 split = parcel_split(table, seed, tr.test_fraction, tr.val_fraction)
                 side = {k: np.array(sorted(pos[p] for p, s in split.assignment.items() if s == k), np.int64) for k in ("train", "val", "test")}
-                opts = ParcelOptions("psetae", fusion, sensors, pc.alignment, fraction, None)
+                opts = ParcelOptions("psetae", "none" if fusion == "forest" else fusion, sensors, pc.alignment, fraction, None)
+                if fusion == "forest":
+                    m = forest_metrics(samples, side["train"], side["test"], opts, seed)
+                    runs.append({"seed": seed, "n_test": int(len(side["test"])), "n_parameters": None,
+                                 **{k: m[k] for k in ("overall_accuracy", "miou", "kappa", "macro_f1")}})
+                    continue
                 cfg = ParcelFitConfig(epochs=epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
                                       class_weighting=pc.class_weighting, sample_pixels=args.sample_pixels or pc.sample_pixels, seed=seed, device=args.device)
                 mdir = args.cache / "models" / args.dataset / f"{fusion}-{sensors}-{fraction}-{seed}"
