@@ -94,7 +94,7 @@ def run(
     y, notes = production.resolve_year(s, year)
     for note in notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
-    opts = production.run_options(s, y, out, until=until, transfer=transfer)
+    opts = production.run_options(s, y, out, until=until, transfer=transfer, level=level)
     parcel_level = (level or s.level) == "parcel"
     stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, **opts.stage_args)
     for note in opts.notes:

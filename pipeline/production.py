@@ -56,7 +56,8 @@ class RunOptions:
     notes: list[str] = field(default_factory=list)
 
 
-def run_options(site: Site, year: int, out: Path, *, until: str | None = None, transfer: str | None = None) -> RunOptions:
+def run_options(site: Site, year: int, out: Path, *, until: str | None = None, transfer: str | None = None,
+                level: str | None = None) -> RunOptions:
     from .season import parse_until
 
     mode = transfer or site.training.transfer
@@ -67,7 +68,9 @@ def run_options(site: Site, year: int, out: Path, *, until: str | None = None, t
     if cut is not None:
         opts.stage_args["until"] = f"{cut[0]:02d}-{cut[1]:02d}"
         opts.header["early_season_until"] = opts.stage_args["until"]
-    if mode == "previous-year":
+    if mode == "previous-year" and (level or site.level) != "pixel":
+        opts.notes.append(f"transfer: cross-year transfer is implemented for pixel models; the {level or site.level} path trains from scratch")
+    elif mode == "previous-year":
         prev = previous_models(out, site.name, year)
         if prev is None:
             opts.notes.append(f"transfer: no complete {year - 1} run under {out}; training from scratch")

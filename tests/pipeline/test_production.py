@@ -336,3 +336,13 @@ def test_early_season_run_end_to_end(tmp_path, sites_dir):
     assert full["version"] == "v2" and not full.get("early_season_until")
     assert sha256_path(ydir / "versions" / "v1" / "map" / "crops.tif") == map_sum
     assert "Early-season map:" not in (ydir / full["outputs"]["report"]).read_text()
+
+
+def test_transfer_is_refused_plainly_at_the_parcel_level(tmp_path, sites_dir):
+    write_site(sites_dir, demo_doc())
+    site = load_site("demo-fast")
+    opts = production.run_options(site, 2019, tmp_path, transfer="previous-year", level="parcel")
+    assert "transfer_from" not in opts.stage_args and "transfer_from" not in opts.header
+    assert any("parcel path trains from scratch" in n for n in opts.notes)
+    opts = production.run_options(site, 2019, tmp_path, transfer="previous-year", level="pixel")
+    assert any("no complete 2018 run" in n for n in opts.notes)  # the pixel path looks for last year's models
