@@ -25,7 +25,8 @@ import numpy as np
 
 VARIANTS = [("S2", "none", "s2"), ("S1", "none", "s1"), ("early (nn)", "early", "s1+s2"), ("PSE", "pse", "s1+s2"),
             ("TSA", "tsa", "s1+s2"), ("decision (avg)", "decision", "s1+s2")]
-SPARSE = [("S2", "none", "s2"), ("early (nn)", "early", "s1+s2"), ("TSA", "tsa", "s1+s2"), ("decision (avg)", "decision", "s1+s2")]
+SPARSE = [("S2", "none", "s2"), ("early (nn)", "early", "s1+s2"), ("PSE", "pse", "s1+s2"), ("TSA", "tsa", "s1+s2"),
+          ("decision (avg)", "decision", "s1+s2")]  # S1-only does not depend on the S2 dates: see the first table
 FOREST = ("random forest", "forest", "s1+s2")  # the run's baseline: 30-day medians of the parcel-mean S2 and S1 series
 
 
