@@ -73,6 +73,8 @@ def run(
     until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
     transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
     level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
+    workers: int | None = typer.Option(None, "--workers", help="Tiled stages (tensors, predict) on a local dask cluster of N worker processes (0 or unset: one process)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Tiled stages on an existing dask cluster: its scheduler address (tcp://HOST:PORT); workers must see the run directory."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report.
 
@@ -89,6 +91,10 @@ def run(
     _check_device(device)
     if level not in (None, "pixel", "parcel"):
         raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
+    from .distributed import cluster_spec, probe
+
+    cluster = cluster_spec(workers, scheduler)
+    probe(cluster)
     s = load_site(site)
     console = _console()
     y, notes = production.resolve_year(s, year)
@@ -96,7 +102,7 @@ def run(
         console.print(f"  [yellow]note:[/yellow] {note}")
     opts = production.run_options(s, y, out, until=until, transfer=transfer)
     parcel_level = (level or s.level) == "parcel"
-    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, **opts.stage_args)
+    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, cluster=cluster, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
     run_dir = production.run_dir(out, s.name, y)
@@ -125,7 +131,8 @@ def run(
             manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
                 "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
                 "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
-                "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
+                "samples": done["tensors"]["samples"], **({"stac": done["predict"]["stac"]} if "stac" in done["predict"] else {}),
+                **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
                 **({"transfer": done["transfer"]["transfer"]} if "transfer" in done else {}),
             })
     metrics = json.loads((plan.dir / manifest["outputs"]["metrics"]).read_text())

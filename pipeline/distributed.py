@@ -48,7 +48,7 @@ from .fsio import atomic_path, sha256_path, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusterError", "ClusterSpec", "cluster_spec", "cluster_client", "TileLedger", "TileJob", "run_tiled",
+__all__ = ["ClusterError", "ClusterSpec", "cluster_spec", "cluster_client", "probe", "TileLedger", "TileJob", "run_tiled",
            "predict_site_distributed", "samples_distributed", "gdal_env"]
 
 _ENV_PREFIXES = ("GDAL_", "CPL_", "VSI_", "PROJ_", "OGR_")
@@ -128,6 +128,13 @@ class WorkerSetup(WorkerPlugin):
             torch.set_num_threads(self.torch_threads)
 
 
+def probe(spec: ClusterSpec) -> None:
+    """Fail early, before any stage runs, when ``--scheduler`` cannot be reached."""
+    if spec.scheduler:
+        with cluster_client(spec):
+            pass
+
+
 @contextlib.contextmanager
 def cluster_client(spec: ClusterSpec) -> Iterator[Any]:
     """A dask Client for ``spec`` (None when it runs in one process); closed on exit."""
@@ -137,6 +144,9 @@ def cluster_client(spec: ClusterSpec) -> Iterator[Any]:
     from dask.distributed import Client, LocalCluster
 
     cluster = None
+    quiet = logging.getLogger("distributed")
+    if quiet.getEffectiveLevel() < logging.WARNING and not logging.getLogger("cropmap").isEnabledFor(logging.DEBUG):
+        quiet.setLevel(logging.WARNING)  # the scheduler of a LocalCluster logs every connection at INFO
     if spec.scheduler:
         try:
             client = Client(spec.scheduler, timeout=spec.connect_timeout)
@@ -225,7 +235,7 @@ def _run_tile(func: Callable, ledger_dir: str, suffix: str, tile: str, key: str,
     if done is not None:
         return {**done, "reused": True}
     t0 = time.perf_counter()
-    with rasterio.Env(**env):
+    with rasterio.Env(**{k: int(v) if v.isdigit() else v for k, v in env.items()}):  # rasterio wants GDAL_CACHEMAX as an int
         summary = func(tile, ledger.part(tile), *args)
     return {**ledger.write(tile, key, summary, time.perf_counter() - t0), "reused": False}
 
@@ -257,7 +267,15 @@ def run_tiled(client: Any, func: Callable, jobs: list[TileJob], ledger: TileLedg
     failed: dict[str, BaseException] = {}
     if client is None:
         for job in todo:
-            take(_run_tile(func, str(ledger.dir), ledger.suffix, job.tile, job.key, env, job.args))
+            for attempt in range(retries + 1):
+                try:
+                    take(_run_tile(func, str(ledger.dir), ledger.suffix, job.tile, job.key, env, job.args))
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried, then reported with the others
+                    if isinstance(exc, CropmapError) or attempt == retries:
+                        failed[job.tile] = exc
+                        log.warning("tile %s failed: %s: %s", job.tile, type(exc).__name__, exc)
+                        break
     elif todo:
         from dask.distributed import as_completed
 
