@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ClusterError", "ClusterSpec", "cluster_spec", "cluster_client", "probe", "TileLedger", "TileJob", "run_tiled",
            "predict_site_distributed", "samples_distributed", "gdal_env"]
 
+PRELOAD = ("numpy", "zarr", "xarray", "rasterio", "torch", "cropmap.pipeline.cube", "cropmap.pipeline.tensors",
+           "cropmap.pipeline.samples", "cropmap.pipeline.predict")
 _ENV_PREFIXES = ("GDAL_", "CPL_", "VSI_", "PROJ_", "OGR_")
 _ADDRESS = re.compile(r"^(?:(tcp|tls|inproc|ws|wss|ucx)://)?([A-Za-z0-9_.\-\[\]:]+?)(?::(\d{1,5}))?/?$")
 
@@ -122,6 +124,12 @@ class WorkerSetup(WorkerPlugin):
 
     def setup(self, worker: Any = None) -> None:
         os.environ.update(self.env)
+        # import the heavy modules once, here, before any task: a task thread importing zarr while the
+        # worker's event loop unpickles a message that imports it too can see a half-initialised module
+        import importlib
+
+        for name in PRELOAD:
+            importlib.import_module(name)
         if self.torch_threads:
             import torch
 
