@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistContext", "env_context", "current", "init_from_env", "shutdown", "rank_device", "shard", "wrap",
-           "broadcast_object", "all_gather_cat", "sum_over_ranks", "barrier", "check_identical"]
+           "broadcast_object", "all_gather_cat", "sum_over_ranks", "sync_buffers", "barrier", "check_identical"]
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,15 @@ def shard(indices: np.ndarray, epoch: int, seed: int, ctx: DistContext | None = 
     return np.asarray(indices)[np.fromiter(iter(sampler), dtype=np.int64)]
 
 
-def wrap(module: nn.Module, device: str) -> nn.Module:
-    """``module`` in DistributedDataParallel (gradients averaged over ranks)."""
+def wrap(module: nn.Module, device: str, find_unused: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel (gradients averaged over ranks); ``find_unused`` when some
+    trainable parameters take no part in the loss (MoCo: the classifier head of the encoder)."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
-    # find_unused_parameters: some models skip branches (e.g. a frozen encoder, absent sensors)
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    # every registered pixel model uses all its trainable parameters in each forward (frozen ones are
+    # ignored by DDP), so by default no extra graph traversal for unused parameters
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -129,6 +131,17 @@ def sum_over_ranks(*values: float) -> tuple[float, ...]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return tuple(float(v) for v in t)
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them at the
+    start of each forward, so after an epoch's last step each rank still holds the statistics of its
+    own last batch; syncing at the end of the epoch makes validation, checkpoints and the final
+    weights the same on every rank."""
+    if not current().enabled:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=0)
 
 
 def barrier() -> None:

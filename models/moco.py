@@ -287,7 +287,7 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     params = [*moco.encoder_q.parameters(), *moco.head_q.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(train_idx))
-    step = ddp.wrap(_MoCoStep(moco), device) if dctx.enabled else _MoCoStep(moco)
+    step = ddp.wrap(_MoCoStep(moco), device, find_unused=True) if dctx.enabled else _MoCoStep(moco)
     view_rng = rng if dctx.rank == 0 else np.random.default_rng([cfg.seed, dctx.rank])
     best, best_state, bad = None, None, 0
     t0 = time.perf_counter()
@@ -315,6 +315,7 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
             seen += len(keys)
             if on_batch and dctx.is_main:
                 on_batch(len(keys) * dctx.world_size)
+        ddp.sync_buffers(moco)
         total, seen = ddp.sum_over_ranks(total, seen)
         row = {"epoch": epoch, "train_infonce": total / max(seen, 1)}
         if n_val:

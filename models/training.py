@@ -313,6 +313,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
             if on_batch and dctx.is_main:
                 on_batch(len(idx) * dctx.world_size)
         sched.step()
+        ddp.sync_buffers(model)
         total, n = ddp.sum_over_ranks(total, n)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
         if val is not None and len(val) and y_val is not None:

@@ -175,7 +175,19 @@ def _check_device(device: str) -> None:
 def _threads() -> None:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)  # torchrun: share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks)))
+
+
+def _data_parallel(device: str):
+    """Join the torchrun process group when launched by torchrun; returns (context, console): ranks other
+    than 0 print nothing."""
+    from rich.console import Console
+
+    from cropmap.models import ddp
+
+    ctx = ddp.init_from_env(device)
+    return ctx, (_console() if ctx.is_main else Console(stderr=True, quiet=True))
 
 
 def _epoch_progress(console, total_epochs: int, samples_per_epoch: int, describe: Callable[[dict], str]):
@@ -243,11 +255,14 @@ def train(
 
     _check_device(device)
     _threads()
+    dctx, console = _data_parallel(device)
     from .parcels import is_parcel_store
 
     if model == "psetae" or is_parcel_store(samples):
         if model not in (None, "psetae"):
             raise CropmapError(f"{str(samples)!r} is a parcel store; model {model!r} is a pixel model", fix="use --model psetae, or pixel samples")
+        if dctx.enabled:
+            raise CropmapError(f"parcel models train on one process; torchrun started {dctx.world_size}", fix="run `cropmap train --model psetae` without torchrun")
         if pretrained is not None or label_fraction is not None or labels_per_class is not None or freeze_encoder:
             raise CropmapError("--pretrained, --freeze-encoder, --label-fraction and --labels-per-class apply to pixel models only",
                                fix="drop them for --model psetae")
@@ -265,7 +280,6 @@ def train(
     if label_fraction is not None or labels_per_class is not None:
         y = encode_labels(data, class_table(data, tr))
         tr = subsample_labels(y, tr, seed, label_fraction, labels_per_class)
-    console = _console()
     cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size, patience=patience, lr=lr,
                     loss=loss, class_weighting=class_weighting, freeze_encoder=freeze_encoder,
                     augment=Training().augment() if augment else Augment())
@@ -276,6 +290,7 @@ def train(
         meta = train_model(data, tr, va, out, model_name=name, fit_config=cfg, pretrained=pretrained, resume=not restart,
                            extra_meta={"samples": str(samples)}, on_epoch=on_epoch, on_batch=on_batch)
     resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
+    resumed += f", {dctx.world_size} data-parallel ranks" if dctx.enabled else ""
     console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
                   f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
 
@@ -338,10 +353,10 @@ def pretrain(
         raise CropmapError(f"unknown --method {method!r}", fix=f"use one of: {', '.join(METHODS)}")
     _check_device(device)
     _threads()
+    _, console = _data_parallel(device)
     data = load_samples(samples, labelled=False)
     cfg = MoCoConfig(epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, queue_size=queue_size, momentum=momentum,
                      temperature=temperature, view_length=view_length, seed=seed, device=device)
-    console = _console()
     progress, on_batch, on_epoch = _epoch_progress(
         console, epochs, int(len(data) * (1 - cfg.val_fraction)),
         lambda r: f"epoch {r['epoch']:3d} InfoNCE {r['train_infonce']:.4f}" + (f"  val {r['val_infonce']:.4f} top-1 {r['val_top1']:.3f}" if "val_infonce" in r else ""))
