@@ -487,6 +487,19 @@ def schedule(
         typer.echo(sched.kubernetes_cronjob(site, at, image))
 
 
+@app.command()
+def mosaic(
+    maps: list[Path] = typer.Argument(..., help="Class maps (crops.tif) of the sites of one region, in any UTM zones."),
+    out: Path = typer.Option(..., "--out", help="The VRT to write."),
+    crs: str | None = typer.Option(None, "--crs", help="CRS of the mosaic (default: the map with the lowest EPSG code's)."),
+) -> None:
+    """One VRT of class maps made in several UTM zones (nearest neighbour; the eastern zone wins overlaps)."""
+    _setup(_state["debug"])
+    from .mosaic import zone_mosaic
+
+    typer.echo(str(zone_mosaic(maps, out, crs=crs)))
+
+
 auth_app = typer.Typer(no_args_is_help=True, help="Earth Engine credentials for `source: gee` sites.")
 app.add_typer(auth_app, name="auth")
 
