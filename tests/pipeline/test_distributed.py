@@ -121,6 +121,17 @@ def test_a_failed_tile_is_redone_alone_on_rerun(tmp_path, in_cluster):
     assert ledger.finished("t1", "k1") is None and ledger.finished("t0", "k2") is None
 
 
+def test_workers_get_the_gdal_settings_of_the_parent(monkeypatch):
+    monkeypatch.setenv("GDAL_CACHEMAX", "123")
+    monkeypatch.setenv("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", ".tif")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-forwarded")
+    env = D.gdal_env()
+    assert env["GDAL_CACHEMAX"] == "123" and env["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"] == ".tif" and "AWS_SECRET_ACCESS_KEY" not in env
+    monkeypatch.delenv("GDAL_CACHEMAX")
+    D.WorkerSetup(env, None).setup()  # what a worker runs when it starts (or joins an existing cluster)
+    assert os.environ["GDAL_CACHEMAX"] == "123"
+
+
 def test_cluster_options_are_checked():
     for workers in (-1, -3):
         with pytest.raises(D.ClusterError, match=rf"--workers must be a whole number >= 0, got {workers}; use --workers 0"):
@@ -218,3 +229,28 @@ def test_state_like_site_end_to_end_on_a_process_cluster_with_a_killed_worker(tm
     predict_site(site.site(), site.legend(), cubes, model, tmp_path / "s" / "crops.tif", tmp_path / "s" / "conf.tif")
     for name in ("crops.tif", "conf.tif"):
         np.testing.assert_array_equal(_read(tmp_path / "d" / name), _read(tmp_path / "s" / name))
+
+
+@pytest.mark.slow
+def test_cropmap_run_with_workers_equals_the_one_process_run(tmp_path):
+    """`cropmap run --workers 2` on the demo: the same samples and maps as without, tile counts and the STAC item in run.json."""
+    from conftest import demo_doc, write_site
+
+    sites = write_site(tmp_path / "sites", demo_doc("demo-fast")).parent
+    env = {**os.environ, "CROPMAP_SITES_DIR": str(sites), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for label, extra in (("one", []), ("dask", ["--workers", "2"])):
+        proc = subprocess.run([sys.executable, "-m", "cropmap.pipeline.cli", "run", "--site", "demo-fast", "--out", tmp_path / label, *extra],
+                              capture_output=True, text=True, env=env, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[label] = tmp_path / label / "demo-fast" / "2019"
+    m = json.loads((runs["dask"] / "run.json").read_text())
+    assert m["outputs"]["stac"].endswith("map/crops.stac.json")
+    assert m["stages"]["predict"]["report"]["cluster"] == "LocalCluster of 2 worker processes"
+    assert m["stages"]["predict"]["report"]["tiles_computed"] == 2 and m["stages"]["tensors"]["report"]["tiles_computed"] == 3
+    stac = json.loads((runs["dask"] / m["outputs"]["stac"]).read_text())
+    assert stac["assets"]["map"]["proj:code"] == "EPSG:32631"
+    for name in ("map/crops.tif", "map/confidence.tif"):
+        np.testing.assert_array_equal(_read(runs["one"] / name), _read(runs["dask"] / name))
+    one = json.loads((runs["one"] / "run.json").read_text())
+    assert one["stages"]["tensors"]["outputs"]["samples"]["sha256"] == m["stages"]["tensors"]["outputs"]["samples"]["sha256"]
