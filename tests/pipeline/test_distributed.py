@@ -39,9 +39,9 @@ def _samples(site, tiles):
     return concat_samples(parts)
 
 
-def _train(samples, out):
+def _train(samples, out, epochs: int = 1):
     idx = np.arange(len(samples))
-    train_model(samples, idx[::5], idx[2::17], out, model_name="tempcnn", fit_config=FitConfig(epochs=2, batch_size=128, max_len=16, seed=0))
+    train_model(samples, idx[::12], idx[5::61], out, model_name="tempcnn", fit_config=FitConfig(epochs=epochs, batch_size=128, max_len=16, seed=0))
     return out
 
 
@@ -199,7 +199,7 @@ def test_state_like_site_end_to_end_on_a_process_cluster_with_a_killed_worker(tm
     with D.cluster_client(D.cluster_spec(2)) as client:
         samples, res = D.samples_distributed(jobs, names, 0, client=client, tiles_dir=tmp_path / "tiles-samples")
         assert len(res.computed) == 12
-        model = _train(samples, tmp_path / "model")
+        model = _train(samples, tmp_path / "model", epochs=2)
         tiles_dir = tmp_path / "tiles"
         out: dict = {}
 
