@@ -105,6 +105,8 @@ def run(
     stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, cluster=cluster, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
+    if parcel_level and cluster.distributed:
+        console.print("  [yellow]note:[/yellow] the parcel stages run in this process; --workers/--scheduler apply to pixel-level runs")
     run_dir = production.run_dir(out, s.name, y)
     _threads()
     with Progress(TextColumn("  {task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
