@@ -100,7 +100,9 @@ def cluster_spec(workers: int | None = None, scheduler: str | None = None, **opt
             raise ClusterError(f"--workers {workers} and --scheduler {scheduler!r} both given",
                                fix="pass --scheduler alone (the cluster's own workers run the tiles) or --workers alone")
         m = _ADDRESS.match(scheduler.strip())
-        if not scheduler.strip() or m is None or (m.group(1) != "inproc" and m.group(3) is None):
+        if scheduler.startswith("inproc://") and len(scheduler) > len("inproc://"):  # a scheduler of this process
+            return ClusterSpec(workers=0, scheduler=scheduler, **options)
+        if not scheduler.strip() or m is None or m.group(3) is None:
             raise ClusterError(f"--scheduler {scheduler!r} is not a dask scheduler address",
                                fix="use PROTOCOL://HOST:PORT, e.g. tcp://10.0.0.5:8786 (the address `dask scheduler` prints)")
         if m.group(3) is not None and not 0 < int(m.group(3)) < 65536:

@@ -76,6 +76,22 @@ def test_distributed_map_equals_single_process_map(tiny, tmp_path):
     assert read_class_table(tmp_path / "b" / "crops.tif")[0].name == "maize"
 
 
+def test_an_existing_cluster_by_scheduler_address(tiny, tmp_path):
+    """--scheduler: the tiles go to a cluster started elsewhere (here a LocalCluster of this process)."""
+    from dask.distributed import LocalCluster
+
+    site, model = tiny
+    cubes = [site.cube(t) for t in site.tiles[:2]]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", dashboard_address=None) as cluster:
+        spec = D.cluster_spec(None, cluster.scheduler_address)
+        assert spec.describe() == f"dask scheduler {cluster.scheduler_address}"
+        with D.cluster_client(spec) as client:
+            got = D.predict_site_distributed(site.site(), site.legend(), cubes, model, tmp_path / "crops.tif", tmp_path / "conf.tif",
+                                             client=client, tiles_dir=tmp_path / "tiles")
+        assert len(cluster.scheduler.workers) == 1  # the cluster outlives the run's client
+    assert got["tiles_computed"] == 2 and validate_cog(tmp_path / "crops.tif") == []
+
+
 def test_distributed_samples_equal_single_process_samples(tiny, tmp_path):
     site, _ = tiny
     names = {c.code: c.name for c in site.legend().classes}
