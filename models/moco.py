@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ddp
 from .series import Series, pad_batch
 from .training import autocast, prefetch, resolve_device, seed_everything
 
@@ -202,6 +203,17 @@ class MoCo(nn.Module):
         self.queue_ptr.fill_((ptr + n) % size)
 
 
+class _MoCoStep(nn.Module):
+    """One InfoNCE step as a module call, so DistributedDataParallel can average its gradients."""
+
+    def __init__(self, moco: MoCo) -> None:
+        super().__init__()
+        self.moco = moco
+
+    def forward(self, view_q: dict, view_k: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moco.loss(view_q, view_k)
+
+
 # --- pre-training loop ------------------------------------------------------------------------
 
 MAX_VAL_SERIES = 4096
@@ -256,9 +268,10 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     A ``val_fraction`` of the series is held out; the weights of the epoch with the lowest
     validation InfoNCE are kept, and training stops after ``patience`` epochs without improvement.
     """
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    dctx = ddp.current()  # torchrun: this rank's shard, gradients averaged, keys of all ranks enqueued, rank 0 validates
+    device = ddp.rank_device(resolve_device(cfg.device), dctx)
+    seed_everything(cfg.seed + dctx.rank)
+    rng = np.random.default_rng(cfg.seed)  # the same train/val split on every rank
     n = len(series)
     nonempty = np.nonzero(series.lengths > 0)[0]
     perm = rng.permutation(nonempty)
@@ -274,6 +287,8 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     params = [*moco.encoder_q.parameters(), *moco.head_q.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(train_idx))
+    step = ddp.wrap(_MoCoStep(moco), device, find_unused=True) if dctx.enabled else _MoCoStep(moco)
+    view_rng = rng if dctx.rank == 0 else np.random.default_rng([cfg.seed, dctx.rank])
     best, best_state, bad = None, None, 0
     t0 = time.perf_counter()
 
@@ -287,21 +302,25 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     for epoch in range(1, cfg.epochs + 1):
         moco.train()
         total, seen = 0.0, 0
-        for vq, vk in prefetch(pairs(rng.permutation(train_idx), rng)):
+        order = ddp.shard(train_idx, epoch, cfg.seed, dctx) if dctx.enabled else rng.permutation(train_idx)
+        for vq, vk in prefetch(pairs(order, view_rng)):
             with autocast(device, cfg.amp):
-                loss, keys = moco.loss(vq, vk)
+                loss, keys = step(vq, vk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             moco.momentum_update()
-            moco.enqueue(keys)
+            moco.enqueue(ddp.all_gather_cat(keys))  # the same queue on every rank
             total += loss.item() * len(keys)
             seen += len(keys)
-            if on_batch:
-                on_batch(len(keys))
+            if on_batch and dctx.is_main:
+                on_batch(len(keys) * dctx.world_size)
+        ddp.sync_buffers(moco)
+        total, seen = ddp.sum_over_ranks(total, seen)
         row = {"epoch": epoch, "train_infonce": total / max(seen, 1)}
         if n_val:
-            row.update(_validate(moco, pairs(val_idx, np.random.default_rng(cfg.seed + 104729)), device, cfg.amp))
+            stats = _validate(moco, pairs(val_idx, np.random.default_rng(cfg.seed + 104729)), device, cfg.amp) if dctx.is_main else None
+            row.update(ddp.broadcast_object(stats))
             if best is None or row["val_infonce"] < best - 1e-6:
                 best, bad, result.best_epoch = row["val_infonce"], 0, epoch
                 best_state = copy.deepcopy(moco.encoder_q.state_dict())
@@ -311,13 +330,15 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
             result.best_epoch = epoch
         row["seconds"] = round(time.perf_counter() - t0, 3)
         result.history.append(row)
-        if on_epoch:
+        if on_epoch and dctx.is_main:
             on_epoch(row)
         if n_val and bad >= cfg.patience:
             log.info("MoCo early stop at epoch %d (best %d)", epoch, result.best_epoch)
             break
     if best_state is not None:
         moco.encoder_q.load_state_dict(best_state)
+    if not ddp.check_identical(moco.encoder_q):
+        raise RuntimeError(f"data-parallel ranks ended with different encoder weights (rank {dctx.rank})")
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import ddp
 from .metrics import classification_metrics
 from .series import Augment, Series, interleaved_views, make_batch, missing_band_patterns, pad_batch
 
@@ -67,6 +68,8 @@ class FitResult:
     best_epoch: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    world_size: int = 1
+    """Data-parallel ranks that trained (torchrun); their weights were checked identical at the end."""
 
 
 def resolve_device(device: str | None) -> str:
@@ -238,9 +241,10 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
     step. With ``checkpoint``, the full training state is saved there after every epoch and a
     matching checkpoint found at start is resumed (same data sizes and configuration).
     """
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    dctx = ddp.current()  # torchrun: this rank's shard, gradients averaged, rank 0 validates, logs and saves
+    device = ddp.rank_device(resolve_device(cfg.device), dctx)
+    seed_everything(cfg.seed + dctx.rank)  # per-rank seeds (dropout, augmentation); rank 0's is the single-process seed
+    rng = np.random.default_rng(cfg.seed if dctx.rank == 0 else [cfg.seed, dctx.rank])
     n_classes = n_classes or int(y_train.max()) + 1
     model.to(device)
     weight = None
@@ -270,8 +274,13 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
             best_state, bad, result.best_epoch = state["best_state"], state["bad"], state["best_epoch"]
             result.history = list(state["history"])
             start_epoch = result.resumed_from = state["epoch"] + 1
+            if dctx.rank > 0:  # the checkpoint holds rank 0's random state
+                rng = np.random.default_rng([cfg.seed, dctx.rank, start_epoch])
+                torch.manual_seed(cfg.seed + dctx.rank + 7919 * start_epoch)
             log.info("resuming training at epoch %d from %s", start_epoch, checkpoint)
-    step_model = maybe_compile(model, device, cfg.compile)
+    eager = ddp.wrap(model, device) if dctx.enabled else model
+    step_model = maybe_compile(eager, device, cfg.compile)
+    result.world_size = dctx.world_size
     t0 = time.perf_counter() - (result.history[-1]["seconds"] if result.history else 0.0)
 
     def batches(order: np.ndarray):
@@ -283,34 +292,40 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         set_train_mode(model, cfg.freeze_encoder)
-        order = rng.permutation(len(train))
+        order = ddp.shard(np.arange(len(train)), epoch, cfg.seed, dctx) if dctx.enabled else rng.permutation(len(train))
         total, n = 0.0, 0
         for idx, batch in prefetch(batches(order)):
             with autocast(device, cfg.amp):
                 try:
                     logits = step_model(**batch)
                 except Exception as exc:  # noqa: BLE001 - a compiled graph that fails falls back to eager
-                    if step_model is model:
+                    if step_model is eager:
                         raise
                     log.warning("compiled model failed (%s: %s); training in eager mode", type(exc).__name__, exc)
-                    step_model = model
-                    logits = model(**batch)
+                    step_model = eager
+                    logits = eager(**batch)
             loss = loss_fn(logits.float(), y_t[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
             n += len(idx)
-            if on_batch:
-                on_batch(len(idx))
+            if on_batch and dctx.is_main:
+                on_batch(len(idx) * dctx.world_size)
         sched.step()
+        ddp.sync_buffers(model)
+        total, n = ddp.sum_over_ranks(total, n)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
         if val is not None and len(val) and y_val is not None:
-            proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, device, amp=cfg.amp)
-            vl = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-8)), torch.from_numpy(np.asarray(y_val, np.int64))))
-            m = classification_metrics(y_val, proba.argmax(1), [str(i) for i in range(n_classes)])
-            row.update(val_loss=vl, val_macro_f1=m["macro_f1"], val_overall_accuracy=m["overall_accuracy"])
-            key = (round(m["macro_f1"], 6), -vl)
+            stats = None
+            if dctx.is_main:
+                proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, device, amp=cfg.amp)
+                vl = float(nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-8)), torch.from_numpy(np.asarray(y_val, np.int64))))
+                m = classification_metrics(y_val, proba.argmax(1), [str(i) for i in range(n_classes)])
+                stats = (vl, m["macro_f1"], m["overall_accuracy"])
+            vl, f1, oa = ddp.broadcast_object(stats)  # every rank takes rank 0's decision
+            row.update(val_loss=vl, val_macro_f1=f1, val_overall_accuracy=oa)
+            key = (round(f1, 6), -vl)
             if best_key is None or key > best_key:
                 best_key, best_state, bad, result.best_epoch = key, copy.deepcopy(model.state_dict()), 0, epoch
             else:
@@ -320,14 +335,14 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
         row["seconds"] = round(time.perf_counter() - t0, 3)
         result.history.append(row)
         stop = val is not None and bad >= cfg.patience
-        if checkpoint is not None:
+        if checkpoint is not None and dctx.is_main:
             _save_state(Path(checkpoint), {
                 "signature": signature, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "best_key": list(best_key) if best_key is not None else None, "best_state": best_state, "bad": bad,
                 "best_epoch": result.best_epoch, "history": result.history,
             })
-        if on_epoch:
+        if on_epoch and dctx.is_main:
             on_epoch(row)
         if stop:
             log.info("early stop at epoch %d (best %d)", epoch, result.best_epoch)
@@ -336,6 +351,8 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
         model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(True)
+    if not ddp.check_identical(model):
+        raise RuntimeError(f"data-parallel ranks ended with different weights (rank {dctx.rank} of {dctx.world_size})")
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -73,6 +73,8 @@ def run(
     until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
     transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
     level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
+    workers: int | None = typer.Option(None, "--workers", help="Tiled stages (tensors, predict) on a local dask cluster of N worker processes (0 or unset: one process)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Tiled stages on an existing dask cluster: its scheduler address (tcp://HOST:PORT); workers must see the run directory."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report.
 
@@ -89,6 +91,10 @@ def run(
     _check_device(device)
     if level not in (None, "pixel", "parcel"):
         raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
+    from .distributed import cluster_spec, probe
+
+    cluster = cluster_spec(workers, scheduler)
+    probe(cluster)
     s = load_site(site)
     console = _console()
     y, notes = production.resolve_year(s, year)
@@ -96,9 +102,11 @@ def run(
         console.print(f"  [yellow]note:[/yellow] {note}")
     opts = production.run_options(s, y, out, until=until, transfer=transfer, level=level)
     parcel_level = (level or s.level) == "parcel"
-    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, **opts.stage_args)
+    stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, cluster=cluster, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
+    if parcel_level and cluster.distributed:
+        console.print("  [yellow]note:[/yellow] the parcel stages run in this process; --workers/--scheduler apply to pixel-level runs")
     run_dir = production.run_dir(out, s.name, y)
     _threads()
     with Progress(TextColumn("  {task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -125,7 +133,8 @@ def run(
             manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
                 "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
                 "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
-                "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
+                "samples": done["tensors"]["samples"], **({"stac": done["predict"]["stac"]} if "stac" in done["predict"] else {}),
+                **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
                 **({"transfer": done["transfer"]["transfer"]} if "transfer" in done else {}),
             })
     metrics = json.loads((plan.dir / manifest["outputs"]["metrics"]).read_text())
@@ -168,7 +177,19 @@ def _check_device(device: str) -> None:
 def _threads() -> None:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)  # torchrun: share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks)))
+
+
+def _data_parallel(device: str):
+    """Join the torchrun process group when launched by torchrun; returns (context, console): ranks other
+    than 0 print nothing."""
+    from rich.console import Console
+
+    from cropmap.models import ddp
+
+    ctx = ddp.init_from_env(device)
+    return ctx, (_console() if ctx.is_main else Console(stderr=True, quiet=True))
 
 
 def _epoch_progress(console, total_epochs: int, samples_per_epoch: int, describe: Callable[[dict], str]):
@@ -236,11 +257,14 @@ def train(
 
     _check_device(device)
     _threads()
+    dctx, console = _data_parallel(device)
     from .parcels import is_parcel_store
 
     if model == "psetae" or is_parcel_store(samples):
         if model not in (None, "psetae"):
             raise CropmapError(f"{str(samples)!r} is a parcel store; model {model!r} is a pixel model", fix="use --model psetae, or pixel samples")
+        if dctx.enabled:
+            raise CropmapError(f"parcel models train on one process; torchrun started {dctx.world_size}", fix="run `cropmap train --model psetae` without torchrun")
         if pretrained is not None or label_fraction is not None or labels_per_class is not None or freeze_encoder:
             raise CropmapError("--pretrained, --freeze-encoder, --label-fraction and --labels-per-class apply to pixel models only",
                                fix="drop them for --model psetae")
@@ -258,7 +282,6 @@ def train(
     if label_fraction is not None or labels_per_class is not None:
         y = encode_labels(data, class_table(data, tr))
         tr = subsample_labels(y, tr, seed, label_fraction, labels_per_class)
-    console = _console()
     cfg = FitConfig(epochs=epochs, seed=seed, device=device, max_len=max_len, batch_size=batch_size, patience=patience, lr=lr,
                     loss=loss, class_weighting=class_weighting, freeze_encoder=freeze_encoder,
                     augment=Training().augment() if augment else Augment())
@@ -269,6 +292,7 @@ def train(
         meta = train_model(data, tr, va, out, model_name=name, fit_config=cfg, pretrained=pretrained, resume=not restart,
                            extra_meta={"samples": str(samples)}, on_epoch=on_epoch, on_batch=on_batch)
     resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
+    resumed += f", {dctx.world_size} data-parallel ranks" if dctx.enabled else ""
     console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
                   f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
 
@@ -331,10 +355,10 @@ def pretrain(
         raise CropmapError(f"unknown --method {method!r}", fix=f"use one of: {', '.join(METHODS)}")
     _check_device(device)
     _threads()
+    _, console = _data_parallel(device)
     data = load_samples(samples, labelled=False)
     cfg = MoCoConfig(epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, queue_size=queue_size, momentum=momentum,
                      temperature=temperature, view_length=view_length, seed=seed, device=device)
-    console = _console()
     progress, on_batch, on_epoch = _epoch_progress(
         console, epochs, int(len(data) * (1 - cfg.val_fraction)),
         lambda r: f"epoch {r['epoch']:3d} InfoNCE {r['train_infonce']:.4f}" + (f"  val {r['val_infonce']:.4f} top-1 {r['val_top1']:.3f}" if "val_infonce" in r else ""))
@@ -463,6 +487,19 @@ def schedule(
         if install:
             raise CropmapError("--install does not apply a Kubernetes CronJob", fix="--print it and `kubectl apply -f` the output")
         typer.echo(sched.kubernetes_cronjob(site, at, image))
+
+
+@app.command()
+def mosaic(
+    maps: list[Path] = typer.Argument(..., help="Class maps (crops.tif) of the sites of one region, in any UTM zones."),
+    out: Path = typer.Option(..., "--out", help="The VRT to write."),
+    crs: str | None = typer.Option(None, "--crs", help="CRS of the mosaic (default: the map with the lowest EPSG code's)."),
+) -> None:
+    """One VRT of class maps made in several UTM zones (nearest neighbour; the eastern zone wins overlaps)."""
+    _setup(_state["debug"])
+    from .mosaic import zone_mosaic
+
+    typer.echo(str(zone_mosaic(maps, out, crs=crs)))
 
 
 auth_app = typer.Typer(no_args_is_help=True, help="Earth Engine credentials for `source: gee` sites.")

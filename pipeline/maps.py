@@ -57,6 +57,7 @@ __all__ = [
     "write_preview",
     "read_class_table",
     "validate_cog",
+    "bigtiff_option",
     "CLASSES_TAG",
     "CONFIDENCE_UNITS_TAG",
     "CLASS_NODATA",
@@ -154,6 +155,21 @@ def _overview_factors(width: int, height: int) -> list[int]:
         f *= 2
 
 
+_CLASSIC_TIFF_LIMIT = 4 * 1024**3
+
+
+def bigtiff_option(width: int, height: int, bytes_per_pixel: int = 1) -> str:
+    """``YES`` when the raster with its overviews could pass the 4 GiB offsets of classic TIFF, else ``NO``.
+
+    Decided from the uncompressed size plus a third for overviews (compression usually shrinks a
+    class map 10-50x, but a noisy map may not shrink, and a classic TIFF past 4 GiB is unwritable,
+    so the decision is made on the worst case with a 10 % margin). Iowa at 10 m: 55300 x 35400 px
+    = 1.96 GB + overviews = 2.6 GB, classic; a 60000 x 60000 px map (3.6 GB + 1.2 GB) is BigTIFF.
+    """
+    worst = width * height * bytes_per_pixel * 4 / 3
+    return "YES" if worst > 0.9 * _CLASSIC_TIFF_LIMIT else "NO"
+
+
 class _WorkFiles:
     """The hidden working rasters of one writer; cleaned up explicitly or at garbage collection."""
 
@@ -216,6 +232,7 @@ class MapWriter:
             if not isinstance(v, str):
                 raise ValueError(f"tag {k!r} must be a string, got {type(v).__name__}")
         self.overview_factors = _overview_factors(self.width, self.height)
+        self.bigtiff = bigtiff_option(self.width, self.height)
 
         self._valid = np.zeros(256, dtype=bool)
         self._valid[[c.code for c in self.classes]] = True
@@ -280,7 +297,7 @@ class MapWriter:
                 path, "w", driver="GTiff", width=self.width, height=self.height, count=1,
                 dtype="uint8", nodata=nodata, crs=self.crs, transform=self.transform,
                 tiled=True, blockxsize=self.block, blockysize=self.block, compress="deflate",
-                predictor=2, zlevel=1, sparse_ok=True, bigtiff="IF_SAFER",
+                predictor=2, zlevel=1, sparse_ok=True, bigtiff=self.bigtiff,
             )  # fmt: skip
         except rasterio.errors.RasterioError as exc:
             raise OutputError(
@@ -408,7 +425,7 @@ class MapWriter:
             rasterio.shutil.copy(
                 src, dst, driver="COG", COMPRESS="DEFLATE", PREDICTOR="2",
                 BLOCKSIZE=str(self.block), OVERVIEWS="FORCE_USE_EXISTING" if self.overview_factors
-                else "NONE", RESAMPLING="NEAREST", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+                else "NONE", RESAMPLING="NEAREST", BIGTIFF=self.bigtiff, NUM_THREADS="ALL_CPUS",
             )  # fmt: skip
         except rasterio.errors.RasterioError as exc:
             raise OutputError(

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import cropmap
+from cropmap.models import ddp
 from cropmap.models.checkpoint import save_encoder
 from cropmap.models.moco import MoCoConfig, pretrain_moco
 from cropmap.models.registry import build_model, model_names
@@ -59,14 +60,18 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
     if getattr(model, "embed_dim", None) is None:
         raise ModelError(f"model {model_name!r} exposes no embedding to pre-train", fix="pre-train another model")
     work = work_dir_for(out_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    tlog, log_epoch = epoch_logger(work, on_epoch)
+    main = ddp.current().is_main  # under torchrun only rank 0 logs and writes
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    ddp.barrier()
+    tlog, log_epoch = epoch_logger(work, on_epoch) if main else (None, None)
     try:
         result = pretrain_moco(model, series, mean, std, cfg, on_epoch=log_epoch, on_batch=on_batch)
     except ValueError as exc:
         raise SamplesError(str(exc), fix="pass more samples") from None
     finally:
-        tlog.close()
+        if tlog is not None:
+            tlog.close()
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -82,5 +87,7 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
         "torch_version": torch.__version__,
         **(extra_meta or {}),
     }
-    write_directory(out_dir, work, lambda tmp: save_encoder(tmp, model, meta), result.history)
+    if main:
+        write_directory(out_dir, work, lambda tmp: save_encoder(tmp, model, meta), result.history)
+    ddp.barrier()
     return meta

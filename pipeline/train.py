@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import cropmap
+from cropmap.models import ddp
 from cropmap.models.checkpoint import load_model, load_weights, save_model
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
@@ -151,9 +152,11 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         raise ModelError(f"model {model_name!r} has no separate decoder", fix="drop --freeze-encoder")
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
     work = work_dir_for(out_dir)
-    if not resume:
+    main = ddp.current().is_main  # under torchrun only rank 0 logs and writes; the others train in step with it
+    if not resume and main:
         shutil.rmtree(work, ignore_errors=True)
-    tlog, log_epoch = epoch_logger(work, on_epoch)
+    ddp.barrier()
+    tlog, log_epoch = epoch_logger(work, on_epoch) if main else (None, None)
     try:
         result: FitResult = fit(
             model, sub(train_idx), y[train_idx], mean, std, cfg,
@@ -161,7 +164,8 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
             n_classes=len(classes), on_epoch=log_epoch, on_batch=on_batch, checkpoint=work / "checkpoint.pt",
         )
     finally:
-        tlog.close()
+        if tlog is not None:
+            tlog.close()
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -172,6 +176,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         "time_axis": "days since 1 January of the season year",
         "fit": {**asdict(cfg), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 2),
                 "epochs_run": len(result.history), "resumed_from_epoch": result.resumed_from or None,
+                **({"data_parallel_ranks": result.world_size} if result.world_size > 1 else {}),
                 "pretrained": str(pretrained) if pretrained else None},
         "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
@@ -179,7 +184,9 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         "torch_version": torch.__version__,
         **(extra_meta or {}),
     }
-    write_directory(out_dir, work, lambda tmp: save_model(tmp, model, meta), result.history, extra_files)
+    if main:
+        write_directory(out_dir, work, lambda tmp: save_model(tmp, model, meta), result.history, extra_files)
+    ddp.barrier()  # the model directory exists for every rank once train_model returns
     return meta
 
 

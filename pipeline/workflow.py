@@ -46,6 +46,7 @@ from .runner import Stage, StageContext
 from .samples import load_store, save_store
 from .sites import Legend, Site, load_legend
 from .splits import ParcelSplit, parcel_split
+from .stac import write_map_item
 from .tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from .train import as_series, class_table, encode_labels, train_model
 
@@ -81,14 +82,16 @@ def training_tiles(site: Site, year: int) -> list[tuple[str, int]]:
 
 def build_stages(site: Site, year: int, *, device: str | None = None, epochs: int | None = None,
                  gee_client=None, level: str | None = None, until: str | None = None, transfer_from: Path | None = None,
-                 compare_scratch: bool = True, previous_map: Path | None = None) -> tuple[list[Stage], Legend]:
+                 compare_scratch: bool = True, previous_map: Path | None = None, cluster=None) -> tuple[list[Stage], Legend]:
     """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
     Earth Engine client of a ``source: gee`` site (tests use the fake one). ``level`` (default: the
     site's ``level``) ``parcel`` replaces the stages after labels by the parcel stages
     (:mod:`cropmap.pipeline.parcel_workflow`). ``until`` (MM-DD) cuts every series at that day of its
     year (early season, :mod:`.season`); ``transfer_from`` (last year's ``models/``) initialises
     training and adds the ``transfer`` comparison stage (:mod:`.transfer`; pixel level);
-    ``previous_map`` (last year's crop map) adds year-over-year changes to the report."""
+    ``previous_map`` (last year's crop map) adds year-over-year changes to the report. ``cluster`` (a
+    :class:`~cropmap.pipeline.distributed.ClusterSpec`) runs the per-tile work of tensors and predict as dask
+    tasks (same outputs; not part of any stage fingerprint)."""
     legend = load_legend(site.legend)
     tr = site.training
     if epochs is not None:
@@ -193,6 +196,14 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                                  fix="delete RUN/gee/files and the samples exports, then rerun")
             ctx.report.update(samples_from="Earth Engine sample tables (split unit: spatial blocks of gee.block_size_m)",
                               exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.samples_eecu_seconds / 3600, 4))
+        elif cluster is not None and cluster.distributed:
+            from . import distributed
+
+            with distributed.cluster_client(cluster) as client:
+                samples, res = distributed.samples_distributed(
+                    [(tid, cube_dir / f"{tid}.zarr", label_dir / f"{tid}_class.tif", label_dir / f"{tid}_parcel.tif") for tid, _ in trained],
+                    names, site.tensors.s1_window_days, client=client, tiles_dir=ctx.path("tiles/tensors"), retries=cluster.retries)
+            ctx.report.update(cluster=cluster.describe(), tiles_computed=len(res.computed), tiles_reused=len(res.reused))
         else:
             parts = []
             for tid, _ in trained:
@@ -204,6 +215,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                                               s1_window=site.tensors.s1_window_days))
             samples = concat_samples(parts)
         save_store(samples, ctx.path("samples/pixels"))
+        shutil.rmtree(ctx.path("tiles/tensors"), ignore_errors=True)  # per-tile parts, now in the store
         ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
                           mean_length=round(float(samples.lengths.mean()), 1), tiles=[t for t, _ in trained],
                           per_class={names[int(k)]: int(v) for k, v in samples.table["label"].value_counts().sort_index().items()})
@@ -292,15 +304,26 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         cube_dir = ctx.upstream["ingest"]["cube"]
         model_dir = ctx.upstream["train"]["model"]
         tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
-        summary = predict_site(site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir,
-                               ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), device=device,
-                               tags={"site": site.name, "year": str(year), "model": tr.model}, on_block=tick)
+        map_args = (site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir, ctx.path("map/crops.tif"),
+                    ctx.path("map/confidence.tif"))
+        map_kw = dict(device=device, tags={"site": site.name, "year": str(year), "model": tr.model}, on_block=tick)
+        if cluster is not None and cluster.distributed:
+            from .distributed import cluster_client, predict_site_distributed
+
+            with cluster_client(cluster) as client:
+                summary = predict_site_distributed(*map_args, client=client, tiles_dir=ctx.path("tiles/predict"), retries=cluster.retries,
+                                                   **map_kw)
+            summary["cluster"] = cluster.describe()
+        else:
+            summary = predict_site(*map_args, **map_kw)
         windows = [(t["tile"], t) for t in summary["tiles"]]
         write_preview(ctx.path("map/crops.tif"), ctx.path("map/preview.png"), title=f"{site.name} {year}: crop map",
                       windows=[(name, (w["col_off"], w["row_off"], w["width"], w["height"])) for name, w in windows])
+        write_map_item(ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), ctx.path("map/preview.png"),
+                       item_id=f"{site.name}-{year}-crops", year=year, properties={"cropmap:site": site.name, "cropmap:model": tr.model})
         ctx.report.update(summary)
         return {"map": "map/crops.tif", "confidence": "map/confidence.tif", "preview": "map/preview.png",
-                "classes": "map/crops.tif.classes.json"}
+                "classes": "map/crops.tif.classes.json", "stac": "map/crops.stac.json"}
 
     def evaluate(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
@@ -361,7 +384,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
                                    after=["tensors", "train", *(["pretrain"] if pretraining else [])], config={"seeds": tr.split_seeds, "training": tr.model_dump()})]
           if transfer_from is not None and compare_scratch else []),
         Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
-                                                                      "crs": site.crs, "legend": legend_doc}),
+                                                                      "crs": site.crs, "legend": legend_doc}, version="2"),  # 2: + STAC item
         Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
         Stage("report", report, after=["labels", "predict", "evaluate", *(["transfer"] if transfer_from is not None and compare_scratch else [])],
               config={**common, "report": report_mod.REPORT_VERSION}, inputs=[previous_map] if previous_map is not None else []),
