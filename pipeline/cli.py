@@ -72,7 +72,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged (as a new run version)."),
     until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
     transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
-    level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
+    level: str | None = typer.Option(None, "--level", help="pixel, parcel or patch (default: the site's level; parcel: PSE-TSA on parcels; patch: STCLN/U-TAE segmentation)."),
 ) -> None:
     """Run every stage for a site and year: ingest, labels, tensors, train, predict, evaluate, report.
 
@@ -87,8 +87,8 @@ def run(
 
     t0 = time.perf_counter()
     _check_device(device)
-    if level not in (None, "pixel", "parcel"):
-        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
+    if level not in (None, "pixel", "parcel", "patch"):
+        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel, parcel or patch")
     s = load_site(site)
     console = _console()
     y, notes = production.resolve_year(s, year)
@@ -96,6 +96,7 @@ def run(
         console.print(f"  [yellow]note:[/yellow] {note}")
     opts = production.run_options(s, y, out, until=until, transfer=transfer)
     parcel_level = (level or s.level) == "parcel"
+    patch_level = (level or s.level) == "patch"
     stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
@@ -121,8 +122,9 @@ def run(
             runner = Runner(plan.dir, header, on_event=on_event, progress=make_progress, reuse_from=plan.reuse_from,
                             on_save=lambda doc: production.publish(plan, doc))
             from .parcel_workflow import parcel_outputs
+            from .patch_workflow import patch_outputs
 
-            manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
+            manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else patch_outputs if patch_level else lambda done: {
                 "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
                 "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
                 "samples": done["tensors"]["samples"], **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
