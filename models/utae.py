@@ -54,7 +54,8 @@ class LTAE2d(nn.Module):
     def __init__(self, n_in: int, n_out: int, n_heads: int, d_model: int, d_k: int, day_base: float) -> None:
         super().__init__()
         self.n_heads, self.d_k, self.day_base = n_heads, d_k, day_base
-        self.inp = nn.Sequential(nn.GroupNorm(n_heads, n_in), nn.Conv1d(n_in, d_model, 1))
+        # per-date normalisation (the published GroupNorm over the whole sequence would mix invalid dates in)
+        self.inp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d_model))
         self.key = nn.Linear(d_model, n_heads * d_k)
         self.query = nn.Parameter(torch.randn(n_heads, d_k) * 0.1)
         self.out = nn.Sequential(nn.Linear(d_model, n_out), nn.LayerNorm(n_out), nn.ReLU())
@@ -62,8 +63,7 @@ class LTAE2d(nn.Module):
 
     def forward(self, x: Tensor, days: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         b, t, e, h, w = x.shape
-        seq = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, e, t)
-        seq = self.inp(seq).transpose(1, 2)  # (N, T, d)
+        seq = self.inp(x.permute(0, 3, 4, 1, 2).reshape(b * h * w, t, e))  # (N, T, d)
         code = sinusoidal_encoding(days.to(seq.dtype), self.d_model, self.day_base)  # (B, T, d)
         seq = seq + code[:, None, None].expand(b, h, w, t, self.d_model).reshape(b * h * w, t, self.d_model)
         k = self.key(seq).view(-1, t, self.n_heads, self.d_k)

@@ -1,13 +1,15 @@
-"""Whole-site prediction of patch models: overlapping sliding windows, blended, into the map COG.
+"""Whole-site prediction of patch models: overlapping sliding windows, overlap cropped, into the map COG.
 
 Each tile is covered by ``window`` x ``window`` windows at a stride of ``window - overlap`` (the last
 window of a row or column is moved back to end at the tile edge, so every pixel is covered and no
-window is padded). Each window is composited from the cube on the model's calendar (the dates of
-the whole tile: every window sees the same time axis), the model's class probabilities are
-weighted by a pyramid that falls from 1 at the window centre towards ``1 / (window / 2)`` at its
-edges, summed over the windows and normalised: a pixel near a window edge takes its prediction
-mostly from the window where it is central, so windows leave no seams. STA windows are placed on
-the tile's grid (``origin``), whatever the sliding-window layout.
+window is padded). Each window is composited from the cube on the model's calendar (the dates of the whole tile: every
+window sees the same time axis). The overlap is *cropped*: a window's predictions count fully in its
+core and (almost) not within ``overlap / 2`` px of an edge that lies inside the tile, where zero
+padding distorts convolutions; where cores overlap they are averaged. STA windows are placed on the
+tile's grid (``origin``), whatever the sliding-window layout. For STCLN the result is then exactly
+the same for any layout whose window starts are multiples of ``sta_window`` and whose overlap is at
+least ``2 * (sta_window + 3)`` (the 5 px radius of the two DoubleConv blocks plus one STA window):
+no seams. U-TAE's receptive field is larger; its layouts agree closely, not exactly.
 
 Memory is bounded by the tile (a K x H x W float32 accumulator) plus one batch of windows.
 """
@@ -42,23 +44,25 @@ def window_starts(length: int, window: int, overlap: int) -> list[int]:
     return [*starts, length - window]
 
 
-def pyramid_weights(h: int, w: int) -> np.ndarray:
-    """(h, w) weights, 1 at the centre, falling linearly towards the edges (never 0)."""
+def crop_weights(h: int, w: int, margin: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """(h, w) weights of one window: 1 in its core, ~0 (1e-3, still ramping up) within ``margin`` px of an
+    edge that lies inside the tile; ``edges`` (top, bottom, left, right) says which edges are tile edges."""
 
-    def ramp(n: int) -> np.ndarray:
+    def axis(n: int, lo_edge: bool, hi_edge: bool) -> np.ndarray:
         i = np.arange(n, dtype=np.float32)
-        return np.minimum(i + 1, n - i) / np.float32(max(1, (n + 1) // 2))
+        d = np.minimum(np.where(lo_edge, np.inf, i), np.where(hi_edge, np.inf, n - 1 - i))
+        return np.where(d >= margin, 1.0, 1e-3 * (d + 1) / (margin + 1)).astype(np.float32)
 
-    return np.minimum.outer(ramp(h), ramp(w)).astype(np.float32)
+    return np.outer(axis(h, edges[0], edges[1]), axis(w, edges[2], edges[3])).astype(np.float32)
 
 
 def predict_composite(model, comp: TileComposite, *, window: int, overlap: int, batch_size: int = 4,
                       device: str = "cpu") -> np.ndarray:
-    """Blended class probabilities (K, H, W) of a tile composite."""
+    """Class probabilities (K, H, W) of a tile composite from overlapping windows (overlap cropped)."""
     _, _, h, w = comp.x.shape
     rows, cols = window_starts(h, window, overlap), window_starts(w, window, overlap)
     wh, ww = min(window, h), min(window, w)
-    weight = pyramid_weights(wh, ww)
+    margin = overlap // 2
     acc, total = None, np.zeros((h, w), np.float32)
     spots = [(r, c) for r in rows for c in cols]
     for s in range(0, len(spots), batch_size):
@@ -70,6 +74,7 @@ def predict_composite(model, comp: TileComposite, *, window: int, overlap: int, 
         if acc is None:
             acc = np.zeros((proba.shape[1], h, w), np.float32)
         for (r, c), p in zip(chunk, proba):
+            weight = crop_weights(wh, ww, margin, (r == 0, r + wh == h, c == 0, c + ww == w))
             acc[:, r:r + wh, c:c + ww] += p * weight
             total[r:r + wh, c:c + ww] += weight
     return acc / total
@@ -117,4 +122,4 @@ def predict_patch_site(site: Site, legend: Legend, cube_paths: list[Path], model
                 on_tile(1)
     names = {c.code: c.name for c in legend.classes}
     return {"tiles": tiles, "pixels_per_class": {names[k]: int(counts[k]) for k in names if counts[k]},
-            "background_or_nodata_pixels": int(counts[0]), "window": window, "overlap": overlap, "blending": "pyramid"}
+            "background_or_nodata_pixels": int(counts[0]), "window": window, "overlap": overlap, "blending": "cropped overlap"}

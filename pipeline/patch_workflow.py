@@ -7,7 +7,7 @@ ingest -> labels -> patch_tensors -> [patch_pretrain] -> patch_train -> patch_pr
                               on the site's patches (labels unused) plus patch.pretrain.extra_cubes
     patch_models/seed-<s>/    patch_train: one model per block-disjoint split seed (seed 0 maps)
     patch_baselines/          patch_train: random forest on the same training pixels, predictions on the test pixels
-    map/crops.tif ...         patch_predict: sliding-window, blended map (class COG, confidence COG, preview)
+    map/crops.tif ...         patch_predict: sliding-window map (class COG, confidence COG, preview)
     metrics.json              patch_evaluate: held-out block metrics (mIoU with and without background), model vs forest
     report.html               report
 """
@@ -51,7 +51,7 @@ PROTOCOL = (
     "background (STCLN's convention); mIoU with background (U-TAE's) is reported next to it. Model: {model}{pre}. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds. The random forest baseline "
     "(30-day medians per pixel) is trained on up to {rf_pixels} pixels of the same training patches and tested on the same "
-    "pixels. The map is made with the model of seed {seed0}, by {window} px sliding windows overlapping by {overlap} px, blended."
+    "pixels. The map is made with the model of seed {seed0}, by {window} px sliding windows overlapping by {overlap} px (overlap cropped)."
 )
 RF_PIXELS = 5000
 

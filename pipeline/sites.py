@@ -253,8 +253,8 @@ class PatchTraining(_Strict):
     class_weighting: Literal["sqrt", "balanced", "none"] = "sqrt"
     window: int = Field(default=32, ge=4)
     """Prediction: side of the sliding windows."""
-    overlap: int = Field(default=8, ge=0)
-    """Prediction: overlap of neighbouring windows (blended)."""
+    overlap: int = Field(default=16, ge=0)
+    """Prediction: overlap of neighbouring windows (each keeps its core, see pipeline/patch_predict.py)."""
     pretrain: PatchPretrain = Field(default_factory=PatchPretrain)
 
     @model_validator(mode="after")
