@@ -135,7 +135,7 @@ def accuracy(args) -> None:
                       f"(with bg {row['miou_with_background']:.3f}) mF1 {row['macro_f1']:.3f}  [{seconds:.0f} s]", flush=True)
 
 
-def saved_bytes(fn) -> int:
+def saved_bytes(fn, *args) -> int:
     total = 0
 
     def pack(t):
@@ -144,7 +144,7 @@ def saved_bytes(fn) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+        out = fn(*args)
     out.float().sum().backward()
     return total
 
@@ -189,17 +189,17 @@ def memory(args) -> None:
         torch.manual_seed(0)
         windowed = STAHead(32, 16, 7, 4, 8)
         row = {"key": key, "T": 24, "d_model": 32, "sta_dim": 4, "sta_window": 8}
-        row["sta_windowed_bytes"] = saved_bytes(lambda: windowed(*sta_inputs(size)))
+        row["sta_windowed_bytes"] = saved_bytes(windowed, *sta_inputs(size))
         if size <= 64:
             full = STAHead(32, 16, 7, 4, size)  # one window = the whole patch: the original HW x HW attention
-            row["sta_full_bytes"] = saved_bytes(lambda: full(*sta_inputs(size)))
+            row["sta_full_bytes"] = saved_bytes(full, *sta_inputs(size))
         else:
             row["sta_full_bytes_extrapolated"] = None  # filled below from the 64 px measurement (x (HW)^2)
         m, _ = build_patch_model("stcln", bands=[f"b{i}" for i in range(12)], n_classes=7, mean=[0.0] * 12, std=[1.0] * 12, **STCLN_OPTS)
         x = torch.randn(1, 24, 12, size, size)
         days = torch.arange(24, dtype=torch.float32)[None] * 15
         valid = torch.ones(1, 24, size, size, dtype=torch.bool)
-        row["stcln_total_bytes"] = saved_bytes(lambda: m(x, days, valid))
+        row["stcln_total_bytes"] = saved_bytes(m, x, days, valid)
         rss = subprocess.run([sys.executable, __file__, "--rss-child", str(size)], capture_output=True, text=True, check=True)
         row["sta_windowed_peak_rss_growth_kib"] = int(rss.stdout.strip().splitlines()[-1])
         append(row)
