@@ -210,7 +210,6 @@ def segmentation_metrics(codes_true: np.ndarray, codes_pred: np.ndarray, keep: n
     with_bg = classification_metrics(yt, yp, class_names, labels=[0, *evaluated])
     m["miou_with_background"] = with_bg["miou"]
     m["macro_f1_with_background"] = with_bg["macro_f1"]
-    m["per_class"] = {n: v for n, v in m["per_class"].items() if v["support"] > 0 or n in {class_names[c] for c in evaluated}}
     return m
 
 
