@@ -134,7 +134,7 @@ def run(
     b, cmp = metrics["baseline"], metrics["comparison"]
     reused = f", unchanged stages linked from {plan.reuse_from.name}" if plan.reuse_from else ""
     console.print(f"\n[bold]{s.name} {y}[/bold] done in {time.perf_counter() - t0:.0f} s ({run_dir / 'run.json'}; run version {plan.name}{reused})")
-    console.print(f"  held-out parcels, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
+    console.print(f"  held-out {'blocks of patches' if patch_level else 'parcels'}, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
                   f"macro F1 {metrics['macro_f1']:.3f}; random forest OA {b['overall_accuracy']:.3f} ± {b['overall_accuracy_std']:.3f}, "
                   f"macro F1 {b['macro_f1']:.3f} (gain {cmp['overall_accuracy_gain']:+.3f})")
     if "transfer" in manifest["outputs"]:

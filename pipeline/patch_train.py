@@ -15,7 +15,6 @@ number because background has no support.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,7 +196,6 @@ def pretrain_patch_encoder(ps: PatchSet, out_dir: Path, *, model_name: str = "st
     }
     with atomic_path(Path(out_dir), is_dir=True) as tmp:
         save_patch_encoder(tmp, model.cpu(), meta)
-    shutil.rmtree(Path(str(out_dir) + ".training"), ignore_errors=True)
     return meta
 
 
