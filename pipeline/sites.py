@@ -387,6 +387,18 @@ class Site(_Strict):
     parcel: ParcelTraining = Field(default_factory=ParcelTraining)
     patch: PatchTraining = Field(default_factory=PatchTraining)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _training_level(cls, data: Any) -> Any:
+        """``training.level`` is accepted as another spelling of the top-level ``level``."""
+        if isinstance(data, dict) and isinstance(data.get("training"), dict) and "level" in data["training"]:
+            training = dict(data["training"])
+            lvl = training.pop("level")
+            if "level" in data and data["level"] != lvl:
+                raise ValueError(f"level {data['level']!r} and training.level {lvl!r} disagree; set one of them")
+            data = {**data, "training": training, "level": lvl}
+        return data
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:

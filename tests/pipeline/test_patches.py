@@ -245,3 +245,18 @@ def test_run_level_patch_writes_the_contract(tmp_path, sites_dir):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["level"] == "patch" and "miou_with_background" in metrics and metrics["baseline"]["overall_accuracy"] > 0
     assert pd.notna(metrics["miou"])
+
+
+def test_training_level_is_another_spelling_of_level(sites_dir):
+    from cropmap.pipeline.errors import SiteError
+
+    doc = demo_doc("demo-tl")
+    doc["training"]["level"] = "patch"
+    write_site(sites_dir, doc)
+    assert load_site("demo-tl").level == "patch"
+    doc = demo_doc("demo-tl2")
+    doc["training"]["level"] = "patch"
+    doc["level"] = "parcel"
+    write_site(sites_dir, doc)
+    with pytest.raises(SiteError, match="training.level 'patch' disagree"):
+        load_site("demo-tl2")
