@@ -72,7 +72,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when unchanged (as a new run version)."),
     until: str | None = typer.Option(None, "--until", help="Early season: cut every series at this day of its year (MM-DD)."),
     transfer: str | None = typer.Option(None, "--transfer", help="none or previous-year: start from last year's models (default: the site's training.transfer)."),
-    level: str | None = typer.Option(None, "--level", help="pixel or parcel (default: the site's level; parcel: PSE-TSA on parcels)."),
+    level: str | None = typer.Option(None, "--level", help="pixel, parcel or patch (default: the site's level; parcel: PSE-TSA on parcels; patch: STCLN/U-TAE segmentation)."),
     workers: int | None = typer.Option(None, "--workers", help="Tiled stages (tensors, predict) on a local dask cluster of N worker processes (0 or unset: one process)."),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Tiled stages on an existing dask cluster: its scheduler address (tcp://HOST:PORT); workers must see the run directory."),
 ) -> None:
@@ -89,8 +89,8 @@ def run(
 
     t0 = time.perf_counter()
     _check_device(device)
-    if level not in (None, "pixel", "parcel"):
-        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel or --level parcel")
+    if level not in (None, "pixel", "parcel", "patch"):
+        raise CropmapError(f"unknown --level {level!r}", fix="use --level pixel, parcel or patch")
     from .distributed import cluster_spec, probe
 
     cluster = cluster_spec(workers, scheduler)
@@ -102,11 +102,12 @@ def run(
         console.print(f"  [yellow]note:[/yellow] {note}")
     opts = production.run_options(s, y, out, until=until, transfer=transfer, level=level)
     parcel_level = (level or s.level) == "parcel"
+    patch_level = (level or s.level) == "patch"
     stages, _ = build_stages(s, y, device=None if device == "auto" else device, epochs=epochs, level=level, cluster=cluster, **opts.stage_args)
     for note in opts.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
-    if parcel_level and cluster.distributed:
-        console.print("  [yellow]note:[/yellow] the parcel stages run in this process; --workers/--scheduler apply to pixel-level runs")
+    if (parcel_level or patch_level) and cluster.distributed:
+        console.print(f"  [yellow]note:[/yellow] the {level or s.level} stages run in this process; --workers/--scheduler apply to pixel-level runs")
     run_dir = production.run_dir(out, s.name, y)
     _threads()
     with Progress(TextColumn("  {task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -129,8 +130,9 @@ def run(
             runner = Runner(plan.dir, header, on_event=on_event, progress=make_progress, reuse_from=plan.reuse_from,
                             on_save=lambda doc: production.publish(plan, doc))
             from .parcel_workflow import parcel_outputs
+            from .patch_workflow import patch_outputs
 
-            manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else lambda done: {
+            manifest = _run_stages(runner, stages, parcel_outputs if parcel_level else patch_outputs if patch_level else lambda done: {
                 "map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
                 "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
                 "samples": done["tensors"]["samples"], **({"stac": done["predict"]["stac"]} if "stac" in done["predict"] else {}),
@@ -141,7 +143,7 @@ def run(
     b, cmp = metrics["baseline"], metrics["comparison"]
     reused = f", unchanged stages linked from {plan.reuse_from.name}" if plan.reuse_from else ""
     console.print(f"\n[bold]{s.name} {y}[/bold] done in {time.perf_counter() - t0:.0f} s ({run_dir / 'run.json'}; run version {plan.name}{reused})")
-    console.print(f"  held-out parcels, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
+    console.print(f"  held-out {'blocks of patches' if patch_level else 'parcels'}, {metrics['n_runs']} splits: {metrics['model']} OA {metrics['overall_accuracy']:.3f} ± {metrics['overall_accuracy_std']:.3f}, "
                   f"macro F1 {metrics['macro_f1']:.3f}; random forest OA {b['overall_accuracy']:.3f} ± {b['overall_accuracy_std']:.3f}, "
                   f"macro F1 {b['macro_f1']:.3f} (gain {cmp['overall_accuracy_gain']:+.3f})")
     if "transfer" in manifest["outputs"]:
@@ -235,8 +237,9 @@ def train(
     alignment: str = typer.Option("nn", "--alignment", help="Parcel early/pse fusion: S1 on S2 dates by nn (nearest unused) or linear."),
     s2_date_fraction: float | None = typer.Option(None, "--s2-date-fraction", help="Parcel models: keep this seeded random fraction of each parcel's S2 dates."),
     until: str | None = typer.Option(None, "--until", help="Parcel models: early season, series end at this MM-DD of the season year."),
+    background: str = typer.Option("void", "--background", help="Patch models: label 0 is void (ignored) or a background class."),
 ) -> None:
-    """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw).
+    """Train a model on samples (validation: the `split` column, else a seeded parcel/sample draw; patch stores: 15 % of the blocks).
 
     An interrupted training resumes from OUT.training/ (its checkpoint, history.csv and TensorBoard logs)."""
     _setup(_state["debug"])
@@ -259,7 +262,18 @@ def train(
     _threads()
     dctx, console = _data_parallel(device)
     from .parcels import is_parcel_store
+    from .patch_cli import train_patches, wants_patches
 
+    if wants_patches(model, samples):
+        console = _console()
+        meta = train_patches(samples, out, model=model, pretrained=pretrained, label_fraction=label_fraction, epochs=epochs, lr=lr,
+                             batch_size=batch_size if "--batch-size" in sys.argv else 4, seed=seed, device=device, background=background,
+                             augment=augment, class_weighting=class_weighting,
+                             on_epoch=lambda r: console.print(f"  epoch {r['epoch']:3d} loss {r['train_loss']:.4f}"
+                                                              + (f"  val OA {r['val_overall_accuracy']:.3f}" if "val_overall_accuracy" in r else "")))
+        console.print(f"patch model written to {out} ({meta['model']}, {len(meta['classes'])} classes, {meta['data']['n_train_patches']} training "
+                      f"patches, best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']})")
+        return
     if model == "psetae" or is_parcel_store(samples):
         if model not in (None, "psetae"):
             raise CropmapError(f"{str(samples)!r} is a parcel store; model {model!r} is a pixel model", fix="use --model psetae, or pixel samples")
@@ -331,7 +345,7 @@ def _train_parcels(samples: Path, out: Path, *, fusion: str, sensors: str, align
 def pretrain(
     samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table (labels are not needed and are ignored)."),
     out: Path = typer.Option(..., "--out", help="Encoder directory to write (for `cropmap train --pretrained`)."),
-    method: str = typer.Option("moco", "--method", help="Pre-training method: moco."),
+    method: str = typer.Option("moco", "--method", help="Pre-training method: moco (pixel series) or masked (STCLN, patches)."),
     model: str = typer.Option("stnet", "--model", help="Model whose encoder is pre-trained."),
     epochs: int = typer.Option(100, "--epochs", min=1),
     patience: int = typer.Option(10, "--patience", min=1, help="Stop after this many epochs without validation InfoNCE improvement."),
@@ -343,14 +357,33 @@ def pretrain(
     view_length: int = typer.Option(70, "--view-length", min=4, help="Dates per augmented view (resampled)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    also: list[Path] = typer.Option([], "--also", help="masked: more unlabelled patch stores or openEO *_inputs.nc cubes (repeatable)."),
+    mask_ratio: float = typer.Option(0.4, "--mask-ratio", help="masked: probability that a (date, pixel) cell is masked."),
+    gate: float | None = typer.Option(None, "--gate", help="masked: only dates with more than this fraction of pixels at NDVI > 0.2 are maskable (STCLN: 0.9)."),
+    patch_size: int = typer.Option(16, "--patch-size", min=4, help="masked: patch side for .nc cubes (patch stores keep theirs)."),
 ) -> None:
-    """Self-supervised pre-training of a model's encoder (MoCo with the SITS-MoCo augmentations)."""
+    """Self-supervised pre-training of a model's encoder (moco: MoCo with the SITS-MoCo augmentations on pixel series;
+    masked: STCLN spatiotemporal masked reconstruction on patches)."""
     _setup(_state["debug"])
     from cropmap.models.moco import MoCoConfig
 
     from .pretrain import METHODS, pretrain_encoder
     from .samples import load_samples
 
+    if method == "masked":
+        from .patch_cli import pretrain_patches
+
+        _check_device(device)
+        _threads()
+        console = _console()
+        meta = pretrain_patches([samples, *also], out, model=model if "--model" in sys.argv else "stcln", epochs=epochs, lr=lr,
+                                batch_size=batch_size if "--batch-size" in sys.argv else 4, mask_ratio=mask_ratio, gate=gate,
+                                patch_size=patch_size, seed=seed, device=device,
+                                on_epoch=lambda r: console.print(f"  epoch {r['epoch']:3d} masked MSE {r['train_mse']:.4f}"
+                                                                 + (f"  val {r['val_mse']:.4f}" if "val_mse" in r else "")))
+        p = meta["pretrain"]
+        console.print(f"encoder written to {out} (stcln, {p['n_train']} patches, best epoch {p['best_epoch']} of {p['epochs_run']})")
+        return
     if method not in METHODS:
         raise CropmapError(f"unknown --method {method!r}", fix=f"use one of: {', '.join(METHODS)}")
     _check_device(device)
@@ -388,7 +421,16 @@ def evaluate(
     _check_device(device)
     _threads()
     dev = None if device == "auto" else device
-    if is_parcel_model(model) or is_parcel_store(samples):
+    from cropmap.models.patch_registry import is_patch_model_dir
+
+    from .patch_cli import evaluate_patches
+    from .patches import is_patch_store
+
+    if is_patch_model_dir(model) or is_patch_store(samples):
+        if not is_patch_model_dir(model):
+            raise CropmapError(f"{str(samples)!r} is a patch store but {str(model)!r} is not a patch model", fix="pass a model of `cropmap train --model stcln|utae`")
+        m = evaluate_patches(model, samples, dev)
+    elif is_parcel_model(model) or is_parcel_store(samples):
         if not is_parcel_model(model):
             raise CropmapError(f"{str(samples)!r} is a parcel store but {str(model)!r} is not a parcel model", fix="pass a model of `cropmap train --model psetae`")
         if not is_parcel_store(samples):

@@ -211,6 +211,61 @@ class ParcelTraining(_Strict):
     """Radar acquisitions averaged (in linear power) over this many days (0: raw acquisitions)."""
 
 
+class PatchPretrain(_Strict):
+    """Masked spatiotemporal pre-training of the patch model (STCLN) before fine-tuning (``patch.pretrain``)."""
+
+    method: Literal["none", "masked"] = "none"
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    mask_ratio: float = Field(default=0.4, gt=0, lt=1)
+    """Probability that a valid (date, pixel) cell is masked (STCLN: 0.15-0.4)."""
+    gate: float | None = Field(default=None, ge=0, lt=1)
+    """Only dates where more than this fraction of a patch's pixels has NDVI > 0.2 are maskable (STCLN: 0.9)."""
+    extra_cubes: list[str] = Field(default_factory=list)
+    """Unlabelled openEO inputs cubes (``*_preprocessed_inputs.nc``, relative to ``regions/`` or absolute) added to the site's patches."""
+
+    def resolved_cubes(self) -> list[Path]:
+        out = []
+        for c in self.extra_cubes:
+            p = Path(os.path.expandvars(c)).expanduser()
+            out.append(p if p.is_absolute() else REGIONS_DIR / p)
+        return out
+
+
+class PatchTraining(_Strict):
+    """The patch path (``level: patch`` or ``cropmap run --level patch``): segmentation of T x C x H x W patches."""
+
+    model: Literal["stcln", "utae"] = "stcln"
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    patch_size: int = Field(default=16, ge=4, le=512)
+    block: int = Field(default=2, ge=1)
+    """Splits assign whole blocks of block x block patches (spatial blocking)."""
+    composite_days: int = Field(default=15, ge=1, le=92)
+    """Patches are composited on bins of this many days from 1 January of the season year."""
+    background: Literal["void", "class"] = "void"
+    """``void``: label 0 is ignored in the loss and metrics; ``class``: it is a background class."""
+    label_patches: int | None = Field(default=None, ge=1)
+    """Label budget: train on this many labelled training patches (seeded draw); None: all."""
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    class_weighting: Literal["sqrt", "balanced", "none"] = "sqrt"
+    window: int = Field(default=32, ge=4)
+    """Prediction: side of the sliding windows."""
+    overlap: int = Field(default=16, ge=0)
+    """Prediction: overlap of neighbouring windows (each keeps its core, see pipeline/patch_predict.py)."""
+    pretrain: PatchPretrain = Field(default_factory=PatchPretrain)
+
+    @model_validator(mode="after")
+    def _check(self) -> PatchTraining:
+        if self.overlap >= self.window:
+            raise ValueError(f"overlap {self.overlap} must be smaller than window {self.window}")
+        if self.pretrain.method == "masked" and self.model != "stcln":
+            raise ValueError(f"masked pre-training needs model stcln, not {self.model!r}")
+        return self
+
+
 class Parcels(_Strict):
     path: str
     """Parcel file (Shapefile, GeoPackage or GeoParquet), relative to ``regions/`` or absolute; kept local."""
@@ -326,9 +381,23 @@ class Site(_Strict):
     cloud_mask: CloudMask = Field(default_factory=CloudMask)
     tensors: Tensors = Field(default_factory=Tensors)
     training: Training = Field(default_factory=Training)
-    level: Literal["pixel", "parcel"] = "pixel"
-    """``parcel``: ``cropmap run`` maps parcels (PSE-TSA, ``parcel:``) instead of pixels."""
+    level: Literal["pixel", "parcel", "patch"] = "pixel"
+    """``parcel``: ``cropmap run`` maps parcels (PSE-TSA, ``parcel:``) instead of pixels; ``patch``: segments
+    patches (STCLN or U-TAE, ``patch:``)."""
     parcel: ParcelTraining = Field(default_factory=ParcelTraining)
+    patch: PatchTraining = Field(default_factory=PatchTraining)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_level(cls, data: Any) -> Any:
+        """``training.level`` is accepted as another spelling of the top-level ``level``."""
+        if isinstance(data, dict) and isinstance(data.get("training"), dict) and "level" in data["training"]:
+            training = dict(data["training"])
+            lvl = training.pop("level")
+            if "level" in data and data["level"] != lvl:
+                raise ValueError(f"level {data['level']!r} and training.level {lvl!r} disagree; set one of them")
+            data = {**data, "training": training, "level": lvl}
+        return data
 
     @field_validator("name")
     @classmethod

@@ -86,7 +86,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
     """The stages of ``cropmap run``; ``gee_client`` (a factory site -> client) replaces the real
     Earth Engine client of a ``source: gee`` site (tests use the fake one). ``level`` (default: the
     site's ``level``) ``parcel`` replaces the stages after labels by the parcel stages
-    (:mod:`cropmap.pipeline.parcel_workflow`). ``until`` (MM-DD) cuts every series at that day of its
+    (:mod:`cropmap.pipeline.parcel_workflow`), ``patch`` by the patch stages (:mod:`cropmap.pipeline.patch_workflow`). ``until`` (MM-DD) cuts every series at that day of its
     year (early season, :mod:`.season`); ``transfer_from`` (last year's ``models/``) initialises
     training and adds the ``transfer`` comparison stage (:mod:`.transfer`; pixel level);
     ``previous_map`` (last year's crop map) adds year-over-year changes to the report. ``cluster`` (a
@@ -350,8 +350,8 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return {"metrics": "metrics.json"}
 
     def report(ctx: StageContext) -> dict[str, str]:
-        evaluated, predicted = (ctx.upstream["evaluate"], ctx.upstream["predict"]) if "evaluate" in ctx.upstream else \
-            (ctx.upstream["parcel_evaluate"], ctx.upstream["parcel_predict"])
+        lvl = next(p for p in ("", "parcel_", "patch_") if f"{p}evaluate" in ctx.upstream)
+        evaluated, predicted = ctx.upstream[f"{lvl}evaluate"], ctx.upstream[f"{lvl}predict"]
         metrics = json.loads(evaluated["metrics"].read_text())
         report_mod.write_report(ctx.path("report.html"), site=site, year=year, legend=legend, metrics=metrics,
                                 preview=predicted["preview"], run_dir=ctx.run_dir, map_path=predicted.get("map"),
@@ -395,6 +395,13 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         stages = [*stages[:2], *parcel_stages(site, year, legend, tiles=tiles, mapped=mapped, trained=trained, device=device,
                                               epochs=epochs, common=common),
                   Stage("report", report, after=["parcel_predict", "parcel_evaluate"], config={**common, "level": "parcel"})]
+    elif (level or site.level) == "patch":
+        from .patch_workflow import patch_stages
+
+        stages = [*stages[:2], *patch_stages(site, year, legend, tiles=tiles, mapped=mapped, trained=trained, device=device,
+                                             epochs=epochs, common=common),
+                  Stage("report", report, after=["labels", "patch_predict", "patch_evaluate"], config={**common, "level": "patch",
+                                                                                                   "report": report_mod.REPORT_VERSION})]
     return stages, legend
 
 
