@@ -317,6 +317,10 @@ class Gee(_Strict):
     max_split_depth: int = Field(default=2, ge=0, le=4)
     """A tile failing with a memory or timeout error is split into 4, at most this many times."""
     samples_per_class: int = Field(default=500, ge=1)
+    """Most table-sample points per legend class and tile (``classPoints``); the row budget may lower it."""
+    table_rows_per_tile: int = Field(default=100_000, ge=1_000)
+    """Row budget of one tile's sample table: points per class are lowered so that points x (S2 days +
+    S1 acquisitions) of the season stays within it (``pipeline.ingest.gee.sampling``)."""
     block_size_m: float = Field(default=10_000, gt=0)
     """Training samples are split train/val/test by spatial blocks of this side."""
     tile_scale: int = Field(default=4, ge=1, le=16)

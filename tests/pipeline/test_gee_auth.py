@@ -78,7 +78,7 @@ def test_cli_auth_check_and_run_without_credentials(tmp_path):
 def test_gee_sites_validate_and_are_listed():
     assert {"demo", "iowa", "eure-et-loir"} <= set(list_site_names())
     iowa, fr = load_site("iowa"), load_site("eure-et-loir")
-    assert (iowa.source, iowa.label_source, iowa.gee.bucket) == ("gee", "cdl", "cropmap-exports")
+    assert (iowa.source, iowa.label_source, iowa.gee.bucket) == ("gee", "cdl", "your-bucket")
     assert fr.label_source == "parcels" and fr.parcels.code_column == "CODE_GROUP" and fr.gee.orbit_pass == "DESCENDING"
 
 

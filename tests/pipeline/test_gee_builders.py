@@ -90,7 +90,7 @@ def test_s2_export_collections_masking_and_grid(ee_offline, iowa):
     assert epsg == 32615 and (width, height) == (tile.width, tile.height)
     assert list(transform)[:6] == [10.0, 0.0, tile.x0, 0.0, -10.0, tile.y1]
     opts = req["fileExportOptions"]
-    assert opts["cloudStorageDestination"] == {"bucket": "cropmap-exports", "filenamePrefix": f"cropmap/iowa/2024/s2/{tile.name}"}
+    assert opts["cloudStorageDestination"] == {"bucket": "your-bucket", "filenamePrefix": f"cropmap/iowa/2024/s2/{tile.name}"}
     dims = opts["geoTiffOptions"]["tileDimensions"]
     assert dims["width"] % opts["geoTiffOptions"]["tileSize"]["value"] == 0 and opts["geoTiffOptions"]["cloudOptimized"]
     assert req["description"] == f"cropmap_iowa_2024_s2_{tile.name}"

@@ -12,7 +12,13 @@ Export encodings (read back by :mod:`.readback`):
 * ``s1``: per period, ``p{p:03d}_VV``, ``p{p:03d}_VH`` (float32 dB of the mean linear power,
   :data:`S1_NODATA` = none);
 * ``labels``: one band of CDL codes (uint16, 0 = no confident label);
-* ``samples``: CSV long table, one row per point and clear acquisition.
+* ``samples``: CSV long table, one row per point and clear acquisition day (S2: the clearest of
+  that day's overlapping granules, ``cs_cdf`` column) or S1 acquisition.
+
+Every image rebuilt from arithmetic (``to_linear``, reducers, casts) loses its properties in Earth
+Engine; where such an image goes on to a ``filterDate`` its ``system:time_start`` is copied back
+(:func:`to_linear`), and padding images are cast to the type of the collection they merge into.
+The offline evaluator (:mod:`.graph`) computes these expressions by the same rules.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 import ee
 
-from ...sites import Gee, Site
+from ...sites import Gee, Legend, Site, load_legend
 from .tiles import ExportTile, task_description
 
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
@@ -31,7 +37,11 @@ S1_COLLECTION = "COPERNICUS/S1_GRD"
 CDL_COLLECTION = "USDA/NASS/CDL"
 S1_NODATA = -9999.0
 SHARD_SIZE = 256
+S1_RESOLUTION_M = 10
+"""``resolution_meters`` of the IW high-resolution GRD scenes (the collection also holds 25/40 m scenes)."""
 SAMPLE_COLUMNS = ["sample_id", "label", "block_x", "block_y", "x", "y", "date"]
+S2_SCORE = "cs_cdf"
+"""Cloud Score+ band kept on S2 sample rows: picks the clearest of one day's overlapping granules."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,8 @@ def s2_collection(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee) -
 
 
 def s2_mask(gee: Gee, bands: list[str]):
-    """The one masking function: keep ``cs_cdf >= threshold`` (and SCL not excluded), select ``bands``."""
+    """The one masking function: keep ``cs_cdf >= threshold`` (and SCL not excluded), select ``bands``
+    (``select``/``updateMask`` keep the image's properties, ``system:time_start`` included)."""
 
     def mask(img: ee.Image) -> ee.Image:
         clear = img.select("cs_cdf").gte(gee.cs_cdf_threshold)
@@ -95,7 +106,8 @@ def s2_mask(gee: Gee, bands: list[str]):
 
 
 def _empty(bands: list[str]) -> ee.Image:
-    """A fully masked image with ``bands``: keeps reducers of an empty period well-formed."""
+    """A fully masked image with ``bands``: keeps reducers of an empty period well-formed. Its type
+    is Earth Engine's int constant: cast it to the collection's type before merging (see callers)."""
     return ee.Image.constant([0] * len(bands)).rename(bands).updateMask(0)
 
 
@@ -104,7 +116,8 @@ def s2_composites(region: ee.Geometry, periods: list[Period], gee: Gee, bands: l
     masked = s2_collection(region, periods[0].start, periods[-1].end, gee).map(s2_mask(gee, bands))
     parts = []
     for i, p in enumerate(periods):
-        window = masked.filterDate(p.start.isoformat(), p.end.isoformat()).merge(ee.ImageCollection([_empty(bands)]))
+        # S2 SR bands are uint16: the padding image is cast to match
+        window = masked.filterDate(p.start.isoformat(), p.end.isoformat()).merge(ee.ImageCollection([_empty(bands).toUint16()]))
         median = window.median().select(bands)
         count = window.select(bands[0]).count().rename("clear")
         names = [f"p{i:03d}_{b}" for b in [*bands, "clear"]]
@@ -113,13 +126,30 @@ def s2_composites(region: ee.Geometry, periods: list[Period], gee: Gee, bands: l
 
 
 def s2_acquisitions(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee, bands: list[str]) -> ee.ImageCollection:
-    """Raw clear acquisitions with ``doy`` (day of the year) and ``date`` properties."""
+    """Raw clear acquisitions with ``doy`` (day of the year) and ``date`` properties, one image per
+    day: where granules of one day overlap (MGRS tiles of one datatake), each pixel takes the
+    clearest of them (highest ``cs_cdf``, :data:`S2_SCORE`, kept as a band), so a point gets at
+    most one S2 row per day."""
 
     def add_date(img: ee.Image) -> ee.Image:
         date = img.date()
-        return s2_mask(gee, bands)(img).set({"doy": date.getRelative("day", "year").add(1), "date": date.format("YYYY-MM-dd")})
+        return s2_mask(gee, [*bands, S2_SCORE])(img).set({"doy": date.getRelative("day", "year").add(1),
+                                                           "date": date.format("YYYY-MM-dd")})
 
-    return s2_collection(region, start, end, gee).map(add_date)
+    return daily_clearest(s2_collection(region, start, end, gee).map(add_date))
+
+
+def daily_clearest(col: ee.ImageCollection) -> ee.ImageCollection:
+    """One image per ``date`` property: per pixel the image of that day with the highest ``cs_cdf``
+    (``qualityMosaic``), with the day's ``system:time_start``, ``date`` and ``doy`` copied back
+    (a mosaic carries no properties)."""
+
+    def one(day):
+        d = ee.Date(day)
+        same = col.filterDate(d, d.advance(1, "day"))
+        return ee.Image(same.qualityMosaic(S2_SCORE).copyProperties(same.first(), ["system:time_start", "date", "doy"]))
+
+    return ee.ImageCollection.fromImages(col.aggregate_array("date").distinct().sort().map(one))
 
 
 # ---------------------------------------------------------------- Sentinel-1
@@ -129,6 +159,7 @@ def s1_collection(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee, b
            .filterBounds(region)
            .filterDate(start.isoformat(), end.isoformat())
            .filter(ee.Filter.eq("instrumentMode", "IW"))
+           .filter(ee.Filter.eq("resolution_meters", S1_RESOLUTION_M))
            .filter(ee.Filter.eq("orbitProperties_pass", gee.orbit_pass)))
     for pol in ("VV", "VH"):
         col = col.filter(ee.Filter.listContains("transmitterReceiverPolarisation", pol))
@@ -136,7 +167,10 @@ def s1_collection(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee, b
 
 
 def to_linear(img: ee.Image) -> ee.Image:
-    return ee.Image.constant(10).pow(img.divide(10))
+    """dB -> linear power (float32) with the acquisition's ``system:time_start``: arithmetic builds a
+    new image without properties, and the per-period ``filterDate`` selects on that property."""
+    linear = ee.Image.constant(10).pow(img.divide(10)).toFloat()
+    return ee.Image(linear.copyProperties(img, ["system:time_start"]))
 
 
 def s1_composites(region: ee.Geometry, periods: list[Period], gee: Gee, bands: list[str]) -> ee.Image:
@@ -144,7 +178,7 @@ def s1_composites(region: ee.Geometry, periods: list[Period], gee: Gee, bands: l
     linear = s1_collection(region, periods[0].start, periods[-1].end, gee, bands).map(to_linear)
     parts = []
     for i, p in enumerate(periods):
-        window = linear.filterDate(p.start.isoformat(), p.end.isoformat()).merge(ee.ImageCollection([_empty(bands)]))
+        window = linear.filterDate(p.start.isoformat(), p.end.isoformat()).merge(ee.ImageCollection([_empty(bands).toFloat()]))
         db = window.mean().select(bands).log10().multiply(10)
         parts.append(db.unmask(S1_NODATA).toFloat().rename([f"p{i:03d}_{b}" for b in bands]))
     return ee.Image.cat(parts)
@@ -165,7 +199,7 @@ def cdl_labels(year: int, gee: Gee, *, has_confidence: bool) -> ee.Image:
     and the 3x3 window at CDL's native resolution is uniform; 0 elsewhere (uint16)."""
     cdl = ee.Image(f"{CDL_COLLECTION}/{year}")
     cropland = cdl.select("cropland")
-    # the window is computed on CDL's own grid (30 m, 10 m from 2024), not the 10 m export grid
+    # the window is computed on CDL's own grid (the Earth Engine asset is 30 m, 2024 included), not the 10 m export grid
     distinct = cropland.reduceNeighborhood(ee.Reducer.countDistinct(), ee.Kernel.square(1, "pixels"))
     keep = distinct.reproject(cropland.projection()).eq(1)
     if has_confidence:
@@ -174,12 +208,32 @@ def cdl_labels(year: int, gee: Gee, *, has_confidence: bool) -> ee.Image:
 
 
 # ---------------------------------------------------------------- training samples
-def stratified_points(labels: ee.Image, region: ee.Geometry, site: Site, seed: int) -> ee.FeatureCollection:
-    """``samples_per_class`` points per label class, with site-CRS coordinates and spatial block ids."""
+def sampling_strata(legend: Legend) -> tuple[list[int], list[int]]:
+    """(CDL source codes, legend class codes) of the legend, aligned: the strata of the table samples
+    are the legend's classes (codes the legend drops are never sampled)."""
+    src, cls = [], []
+    for c in legend.classes:
+        for code in c.source_codes:
+            src.append(int(code))
+            cls.append(int(c.code))
+    return src, cls
+
+
+def stratified_points(labels: ee.Image, region: ee.Geometry, site: Site, seed: int, *,
+                      points_per_class: int | None = None, legend: Legend | None = None) -> ee.FeatureCollection:
+    """``points_per_class`` points (default ``samples_per_class``) per *legend class* (``classPoints``;
+    ``numPoints`` 0 for everything else), with the CDL code as ``label``, site-CRS coordinates and
+    spatial block ids."""
     gee = site.gee
-    pts = labels.rename("label").selfMask().stratifiedSample(
-        numPoints=gee.samples_per_class, classBand="label", region=region, scale=site.resolution,
-        projection=ee.Projection(site.crs), seed=seed, tileScale=gee.tile_scale, geometries=True)
+    legend = legend or load_legend(site.legend)
+    src, cls = sampling_strata(legend)
+    classes = sorted(set(cls))
+    n = int(points_per_class if points_per_class is not None else gee.samples_per_class)
+    label = labels.rename("label")
+    stratum = label.remap(src, cls).rename("stratum")  # unmapped codes (and 0 = no confident label) are masked
+    pts = stratum.addBands(label).stratifiedSample(
+        numPoints=0, classBand="stratum", classValues=classes, classPoints=[n] * len(classes), region=region,
+        scale=site.resolution, projection=ee.Projection(site.crs), seed=seed, tileScale=gee.tile_scale, geometries=True)
 
     def annotate(f: ee.Feature) -> ee.Feature:
         xy = f.geometry().transform(ee.Projection(site.crs), 1).coordinates()
@@ -201,8 +255,9 @@ def s1_acquisitions(region: ee.Geometry, start: dt.date, end: dt.date, gee: Gee,
 
 
 def sample_columns(site: Site) -> list[str]:
-    """Columns of the exported sample table: point properties, date, S2 bands (DN), S1 bands (dB)."""
-    return [*SAMPLE_COLUMNS, *site.bands.s2, *site.bands.s1]
+    """Columns of the exported sample table: point properties, date, S2 bands (DN), the S2 rows'
+    ``cs_cdf``, S1 bands (dB)."""
+    return [*SAMPLE_COLUMNS, *site.bands.s2, S2_SCORE, *site.bands.s1]
 
 
 def sample_table(points: ee.FeatureCollection, acquisitions: ee.ImageCollection, site: Site,

@@ -22,11 +22,19 @@ from ...errors import DataError
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("READY", "RUNNING")
-"""Task states that count against the project's pending-task cap."""
+ACTIVE = ("READY", "RUNNING", "CANCEL_REQUESTED")
+"""Task states that count against the project's pending-task cap (a task being cancelled still runs)."""
+ADOPTABLE = ("READY", "RUNNING")
+"""States of a project task that a job adopts instead of submitting its own."""
+CANCELLED_STATES = ("CANCEL_REQUESTED", "CANCELLED")
+"""A person or an administrator stopped the task: never resubmitted."""
+TASK_LIFETIME_DAYS = 10
+"""An Earth Engine batch task lives at most this long: older operations are neither pending nor adoptable."""
+PAGE_SIZE = 500
 
-_OPERATION_STATES = {"PENDING": "READY", "RUNNING": "RUNNING", "CANCELLING": "RUNNING", "SUCCEEDED": "COMPLETED",
+_OPERATION_STATES = {"PENDING": "READY", "RUNNING": "RUNNING", "CANCELLING": "CANCEL_REQUESTED", "SUCCEEDED": "COMPLETED",
                      "FAILED": "FAILED", "CANCELLED": "CANCELLED"}
+"""Operation states (``ee.data.listOperations``/``getOperation``) -> the Task API's names."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class TaskStatus:
     id: str
     description: str
     state: str
-    """READY, RUNNING, COMPLETED, FAILED, CANCELLED or UNKNOWN."""
+    """READY, RUNNING, CANCEL_REQUESTED, COMPLETED, FAILED, CANCELLED or UNKNOWN."""
     error: str = ""
     eecu_seconds: float = 0.0
     """``batchEecuUsageSeconds``: compute charged against the project's EECU quota."""
@@ -51,8 +59,9 @@ class Client(Protocol):
     def task_statuses(self, ids: list[str]) -> dict[str, TaskStatus]:
         """The current status of the given tasks."""
 
-    def list_tasks(self) -> list[TaskStatus]:
-        """The project's recent tasks (to skip duplicates and to count pending ones)."""
+    def list_tasks(self, max_age_days: float | None = TASK_LIFETIME_DAYS) -> list[TaskStatus]:
+        """The project's tasks created in the last ``max_age_days`` (to skip duplicates and to count
+        pending ones); None: the whole history."""
 
     def list_outputs(self, prefix: str) -> list[str]:
         """Names of exported files starting with ``prefix``."""
@@ -81,6 +90,21 @@ def status_from_operation(op: dict) -> TaskStatus:
         error=error,
         eecu_seconds=float(meta.get("batchEecuUsageSeconds", 0.0) or 0.0),
     )
+
+
+def _created_before(op: dict, cutoff: float) -> bool:
+    """Was the operation created before ``cutoff`` (epoch seconds)? Unknown times count as recent."""
+    stamp = op.get("metadata", {}).get("createTime")
+    if not stamp:
+        return False
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", stamp)
+    if not m:
+        return False
+    import datetime as dt
+
+    tz = m.group(3) or "Z"
+    when = dt.datetime.fromisoformat(m.group(1) + ("+00:00" if tz == "Z" else tz))
+    return when.timestamp() < cutoff
 
 
 # ---------------------------------------------------------------- where exports land
@@ -169,9 +193,24 @@ class EarthEngineClient:
             out[tid] = status_from_operation(ee.data.getOperation(f"projects/{self.project}/operations/{tid}"))
         return out
 
-    def list_tasks(self) -> list[TaskStatus]:
+    def list_tasks(self, max_age_days: float | None = TASK_LIFETIME_DAYS) -> list[TaskStatus]:
+        """Pages of ``projects.operations.list`` until one page holds only operations created before
+        the cutoff (the server lists the newest first): a poll loop reads the last ``max_age_days``,
+        not the project's whole history (``ee.data.listOperations`` pages through all of it)."""
         ee = self._ee()
-        return [status_from_operation(op) for op in ee.data.listOperations(f"projects/{self.project}")]
+        cutoff = None if max_age_days is None else time.time() - max_age_days * 86400
+        ops = ee.data._get_cloud_projects().operations()
+        request = ops.list(pageSize=PAGE_SIZE, name=f"projects/{self.project}")
+        out = []
+        while request is not None:
+            response = ee.data._execute_cloud_call(request)
+            page = response.get("operations", [])
+            recent = [op for op in page if cutoff is None or not _created_before(op, cutoff)]
+            out += [status_from_operation(op) for op in recent]
+            if cutoff is not None and page and not recent:
+                break
+            request = ops.list_next(request, response)
+        return out
 
     def list_outputs(self, prefix: str) -> list[str]:
         return self.exports.list(prefix)

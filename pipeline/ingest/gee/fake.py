@@ -2,12 +2,17 @@
 
 :class:`FakeClient` keeps tasks in memory and moves each one a step per poll (READY, RUNNING,
 then COMPLETED or FAILED as scripted per export name: ``ok``, ``retry`` (a transient internal
-error), ``memory`` ("User memory limit exceeded") or ``fatal``). Every task is serialised with
+error), ``memory`` ("User memory limit exceeded"), ``fatal``, ``cancel`` (CANCELLED, as when a
+person cancels it) or ``cancelling`` (CANCEL_REQUESTED first)). Every task is serialised with
 the real client on submission, and a completed export is *served*: :class:`DemoServer` reads
 the grid the request asks for (crs, crsTransform, dimensions from the serialised expression)
-and writes GeoTIFF shards / CSV tables of real data there, computed with numpy from the
-embedded demo site the way the Earth Engine expression computes them (composites of clear
-acquisitions, linear-power S1 means, stratified points), named as Earth Engine names them.
+and writes GeoTIFF shards / CSV tables of real data there, named as Earth Engine names them.
+The S2 and S1 composites are **evaluated from the expression** (:class:`~.graph.Evaluator`)
+over the demo site's acquisitions as an Earth Engine catalog (properties, footprints, Cloud
+Score+ and SCL bands): its dates, filters and masks decide what is selected, so an expression
+that would select nothing on the server exports nothing here too. :meth:`DemoServer.render`
+keeps the independent numpy reference of the same composites. Sample tables take the strata
+and ``classPoints`` of the expression's ``stratifiedSample``.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from affine import Affine
 
 from ...cube import TileGrid, grid_of
 from ...sites import Site
-from .builders import S1_NODATA, SAMPLE_COLUMNS, Period, composite_periods, task_request
+from .builders import CLOUD_SCORE_PLUS, S1_COLLECTION, S1_NODATA, S1_RESOLUTION_M, S2_COLLECTION, S2_SCORE, SAMPLE_COLUMNS, Period, composite_periods, task_request
 from .client import ACTIVE, LocalExports, TaskStatus
+from .graph import Evaluator, Graph, Img, ms
 
 ERRORS = {
     "retry": "Internal error: an internal error has occurred (request: 1234).",
@@ -83,6 +89,8 @@ class FakeClient:
         self.started: list[str] = []
         """Export names in the order they were started."""
         self.max_active_seen = 0
+        self.list_calls: list[float | None] = []
+        """``max_age_days`` of every list_tasks call."""
         self.slept = 0.0
         """Seconds the task manager waited (virtual: nothing sleeps)."""
         self._ids = itertools.count(1)
@@ -116,17 +124,21 @@ class FakeClient:
         t = self.tasks[tid]
         if t["state"] == "READY":
             t["state"] = "RUNNING"
+        elif t["state"] == "CANCEL_REQUESTED":
+            t["state"] = "CANCELLED"
         elif t["state"] == "RUNNING":
             if t["outcome"] == "ok":
                 if self.serve is not None:
                     self.serve(t["name"], t["request"], self.folder)
                 t["state"] = "COMPLETED"
+            elif t["outcome"] in ("cancel", "cancelling"):
+                t["state"] = "CANCELLED" if t["outcome"] == "cancel" else "CANCEL_REQUESTED"
             else:
                 t["state"], t["error"] = "FAILED", ERRORS[t["outcome"]]
 
     def _status(self, tid: str) -> TaskStatus:
         t = self.tasks[tid]
-        done = t["state"] in ("COMPLETED", "FAILED")
+        done = t["state"] in ("COMPLETED", "FAILED", "CANCELLED")
         return TaskStatus(tid, t["description"], t["state"], t.get("error", ""), self.eecu_per_task if done else 0.0)
 
     def task_statuses(self, ids: list[str]) -> dict[str, TaskStatus]:
@@ -134,7 +146,8 @@ class FakeClient:
             self._advance(tid)
         return {tid: self._status(tid) for tid in ids}
 
-    def list_tasks(self) -> list[TaskStatus]:
+    def list_tasks(self, max_age_days: float | None = 10) -> list[TaskStatus]:
+        self.list_calls.append(max_age_days)
         return [self._status(tid) for tid in self.tasks] + self.other_tasks
 
     def list_outputs(self, prefix: str) -> list[str]:
@@ -194,11 +207,15 @@ def write_shards(data: np.ndarray, transform: Affine, epsg: int, name: str, fold
     return paths
 
 
-def s2_composite(cube: xr.Dataset, periods: list[Period]) -> np.ndarray:
-    """What :func:`.builders.s2_composites` computes, in numpy: (periods x (bands + clear), H, W) uint16."""
-    dn = cube["s2"].values.astype(np.float64)
+def s2_composite(cube: xr.Dataset, periods: list[Period], max_cloudy_percent: float = 100.0) -> np.ndarray:
+    """What :func:`.builders.s2_composites` computes, in numpy: (periods x (bands + clear), H, W) uint16.
+    Acquisitions whose cloudy share is ``max_cloudy_percent`` or more are left out, as the
+    ``CLOUDY_PIXEL_PERCENTAGE`` pre-filter does with the catalog of :meth:`DemoServer.catalog`."""
     clear = cube["s2_clear"].values
-    times = cube["time_s2"].values
+    keep = 100 * (1 - clear.reshape(len(clear), -1).mean(axis=1)) < max_cloudy_percent
+    dn = cube["s2"].values[keep].astype(np.float64)
+    clear = clear[keep]
+    times = cube["time_s2"].values[keep]
     nb = dn.shape[1]
     out = np.zeros((len(periods), nb + 1, *dn.shape[2:]), dtype=np.uint16)
     for i, p in enumerate(periods):
@@ -271,13 +288,66 @@ class DemoServer:
         epsg, transform, width, height = export_grid(request)
         grid = TileGrid(epsg, transform, height, width)
         shard = self.shard or request["fileExportOptions"]["geoTiffOptions"]["tileDimensions"]["width"]
-        write_shards(self.render(kind, grid), transform, epsg, name, folder, shard)
+        write_shards(self.compute(kind, request["expression"], grid), transform, epsg, name, folder, shard)
+
+    # ------------------------------------------------------------ the demo site as an Earth Engine catalog
+    def catalog(self, grid: TileGrid) -> dict[str, list[Img]]:
+        """The demo acquisitions on ``grid`` as Earth Engine would hold them: S2 SR images (DN bands,
+        SCL 4 where the demo marks the pixel clear, 9 elsewhere) with the properties the builders
+        filter on, their Cloud Score+ images (``cs_cdf`` 1 where clear, 0 elsewhere, same
+        ``system:index``), S1 GRD images (dB, masked where the demo has none). Outside a cube the
+        images are masked (their footprint is the cube's tile)."""
+        h, w = grid.height, grid.width
+        out: dict[str, list[Img]] = {S2_COLLECTION: [], CLOUD_SCORE_PLUS: [], S1_COLLECTION: []}
+        for cube in self.cubes:
+            cg = grid_of(cube)
+            win = _window(grid, cg)
+            foot = cg.bounds
+            b2, b1 = list(cube.attrs["bands_s2"]), list(cube.attrs["bands_s1"])
+            dn, clear, s1 = cube["s2"].values, cube["s2_clear"].values, cube["s1"].values
+
+            def place(values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                data = np.zeros((values.shape[0], h, w))
+                mask = np.zeros((values.shape[0], h, w), bool)
+                if win is not None:
+                    data[:, win[0], win[1]] = values[:, win[2], win[3]]
+                    mask[:, win[0], win[1]] = valid[:, win[2], win[3]]
+                return data, mask
+
+            for t, day in enumerate(pd.to_datetime(cube["time_s2"].values)):
+                props = {"system:time_start": ms(day.date()), "system:index": f"{cube.attrs['tile']}_{day:%Y%m%dT%H%M%S}_{t}",
+                         "CLOUDY_PIXEL_PERCENTAGE": float(100 * (1 - clear[t].mean()))}
+                scl = np.where(clear[t], 4, 9)[None].astype(float)
+                data, mask = place(np.concatenate([dn[t].astype(float), scl]), np.ones((len(b2) + 1, *clear.shape[1:]), bool))
+                out[S2_COLLECTION].append(Img([*b2, "SCL"], data, mask, ["uint16"] * (len(b2) + 1), props, foot))
+                cs, cmask = place(clear[t][None].astype(float), np.ones((1, *clear.shape[1:]), bool))
+                out[CLOUD_SCORE_PLUS].append(Img([S2_SCORE], cs, cmask, ["float32"], {"system:time_start": props["system:time_start"],
+                                                                                      "system:index": props["system:index"]}, foot))
+            for t, day in enumerate(pd.to_datetime(cube["time_s1"].values)):
+                vals = s1[t].astype(float)
+                data, mask = place(np.nan_to_num(vals), ~np.isnan(vals))
+                props = {"system:time_start": ms(day.date()), "system:index": f"S1_{cube.attrs['tile']}_{day:%Y%m%d}_{t}",
+                         "instrumentMode": "IW", "orbitProperties_pass": "ASCENDING", "resolution_meters": S1_RESOLUTION_M,
+                         "transmitterReceiverPolarisation": list(b1)}
+                out[S1_COLLECTION].append(Img(list(b1), data, mask, ["float32"] * len(b1), props, foot))
+        return out
+
+    def compute(self, kind: str, expr: dict, grid: TileGrid) -> np.ndarray:
+        """The image of a serialised expression on ``grid``: S2/S1 composites evaluated from the
+        expression over :meth:`catalog`; CDL labels from the label rasters (:meth:`render`)."""
+        if kind not in ("s2", "s1"):
+            return self.render(kind, grid)
+        img = Evaluator(expr, grid, self.catalog(grid)).image()
+        names = self.band_names(kind)
+        if img.names != names:
+            raise ValueError(f"the {kind} expression makes bands {img.names[:4]}..., the read-back expects {names[:4]}...")
+        return np.where(img.mask, img.data, 0).astype(np.uint16 if kind == "s2" else np.float32)
 
     def render(self, kind: str, grid: TileGrid) -> np.ndarray:
         nb2, nb1, n = len(self.site.bands.s2), len(self.site.bands.s1), len(self.periods)
         if kind == "s2":
             out = np.zeros((n * (nb2 + 1), grid.height, grid.width), dtype=np.uint16)
-            parts = [(grid_of(c), lambda k=k, c=c: self._cached("s2", k, lambda: s2_composite(c, self.periods)))
+            parts = [(grid_of(c), lambda k=k, c=c: self._cached("s2", k, lambda: s2_composite(c, self.periods, self.site.gee.max_cloudy_percent)))
                      for k, c in enumerate(self.cubes)]
         elif kind == "s1":
             out = np.full((n * nb1, grid.height, grid.width), S1_NODATA, dtype=np.float32)
@@ -331,7 +401,7 @@ class DemoServer:
             import ee
 
             raise ee.EEException(f"Image.select: Pattern '{unknown[0]}' did not match any bands.")
-        data = self.render(kind, grid)
+        data = self.compute(kind, expr, grid)
         return encode_npy(data[[names.index(b) for b in wanted]], list(wanted))
 
     def serve_samples(self, name: str, request: dict, folder: Path) -> None:

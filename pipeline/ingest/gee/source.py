@@ -32,10 +32,10 @@ def make_client(site: Site) -> Client:
     from .auth import initialize, load_credentials, require_auth
     from .client import BucketExports, EarthEngineClient, LocalExports
 
+    from .bucket import require_bucket
+
     gee = site.gee
-    if not gee.bucket:
-        raise SiteError(f"site {site.name!r} has no gee.bucket: Earth Engine exports need a Cloud Storage bucket",
-                        fix="set gee.bucket in the site file (gee.export_folder alone only reads exports already made)")
+    require_bucket(site)
     status = require_auth(gee.project)
     exports = (LocalExports(gee.folder()) if gee.export_folder
                else BucketExports(gee.bucket, status.project, credentials=lambda: load_credentials(status)))
@@ -160,10 +160,16 @@ class GeeSource:
 
     # ------------------------------------------------------------ training sample tables
     def export_samples(self, run_dir: Path) -> dict[str, list[str]]:
-        """Per tile, a CSV table export of stratified points (``samples_per_class`` per CDL class,
-        with spatial block ids) and their raw clear S2 and S1 acquisitions; tile -> leaf names."""
+        """Per tile, a CSV table export of stratified points (``classPoints`` per legend class: at most
+        ``samples_per_class``, lowered to fit ``table_rows_per_tile``, see :mod:`.sampling`, with spatial
+        block ids) and their clear S2 acquisition days and S1 acquisitions; tile -> leaf names."""
         from . import builders as b
+        from .sampling import table_rows_per_tile
 
+        plan = table_rows_per_tile(self.site, self.year)
+        self.table_rows = plan
+        for line in plan.describe():
+            log.info(line)
         has_conf, _ = self.check_cdl()
         labels = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
         start, end = b.season(self.site.gee, self.year)
@@ -172,7 +178,7 @@ class GeeSource:
 
         def make_task(job: Job):
             region = b.tile_geometry(job.tile)
-            points = b.stratified_points(labels, region, self.site, seed=self.year)
+            points = b.stratified_points(labels, region, self.site, seed=self.year, points_per_class=plan.points_per_class)
             s1 = b.s1_acquisitions(region, start, end, self.site.gee, bands1) if bands1 else None
             table = b.sample_table(points, b.s2_acquisitions(region, start, end, self.site.gee, bands2), self.site, s1)
             return b.table_export(table, job.name, self.site.gee, columns)

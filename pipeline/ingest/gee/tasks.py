@@ -2,14 +2,18 @@
 
 Given export jobs (deterministic names), :meth:`TaskManager.run`
 
-1. skips every job whose outputs already exist, and adopts a task of the project that has the
-   job's description and is queued, running or completed (idempotent reruns, no duplicates);
+1. skips every job whose outputs already exist (that is what "done" means: a task the project
+   lists as COMPLETED whose files are gone, deleted to redo them, is exported again), and adopts a
+   task of the project that has the job's description and is queued or running (idempotent
+   reruns, no duplicates);
 2. submits the rest while the project has fewer than ``max_pending`` queued or running tasks
    (Earth Engine caps a project at 3000 pending tasks);
 3. polls with exponential backoff (reset whenever something finishes);
 4. resubmits a task that failed for a transient reason (up to ``max_attempts``), splits a tile
    whose export ran out of memory or time into four (up to ``max_split_depth``), and gives up
-   on any other error after the other jobs are done;
+   on any other error after the other jobs are done; a task cancelled in Earth Engine (state
+   CANCEL_REQUESTED or CANCELLED: a person or an administrator stopped it on purpose) is never
+   resubmitted, in this run or a rerun of it (status ``cancelled``, kept in the state file);
 5. records every change (task id, attempts, EECU seconds, errors) in a JSON state file written
    atomically, so an interrupted ingestion resumes by polling its running tasks instead of
    submitting them again.
@@ -26,7 +30,7 @@ from typing import Any
 
 from ...errors import DataError, StageError
 from ...fsio import write_json
-from .client import ACTIVE, Client, output_files
+from .client import ACTIVE, ADOPTABLE, CANCELLED_STATES, Client, output_files
 from .tiles import ExportTile, task_description
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,8 @@ STATE_FORMAT = "cropmap.gee-tasks/1"
 SPLIT_ERRORS = ("user memory limit exceeded", "computation timed out", "too many concurrent aggregations",
                 "out of memory")
 RETRYABLE_ERRORS = ("internal error", "backend error", "service unavailable", "server error", "deadline exceeded",
-                    "too many requests", "rate limit", "try again", "unavailable", "cancelled")
+                    "too many requests", "rate limit", "try again", "unavailable")
+"""Transient errors worth a resubmission. Not "cancelled": a cancelled task was stopped on purpose."""
 
 
 def classify_error(message: str) -> str:
@@ -62,7 +67,7 @@ class Job:
     tile: ExportTile | None = None
     depth: int = 0
     status: str = "pending"
-    """pending, submitted, done, split or failed."""
+    """pending, submitted, done, split, failed or cancelled."""
     task_id: str | None = None
     attempts: int = 0
     eecu_seconds: float = 0.0
@@ -156,10 +161,16 @@ class TaskManager:
             progressed = self._poll(waiting)
             self.backoff.next(progressed)
         failed = [j for j in self.jobs.values() if j.status == "failed"]
+        cancelled = [j for j in self.jobs.values() if j.status == "cancelled"]
         if failed:
             f = failed[0]
-            raise StageError(f"{len(failed)} Earth Engine export(s) failed; first {f.name}: {f.error}",
+            also = f" ({len(cancelled)} more cancelled)" if cancelled else ""
+            raise StageError(f"{len(failed)} Earth Engine export(s) failed{also}; first {f.name}: {f.error}",
                              fix="fix the cause and rerun: finished exports are kept and not redone")
+        if cancelled:
+            c = cancelled[0]
+            raise StageError(f"{len(cancelled)} Earth Engine export(s) were cancelled and are not resubmitted; first {c.name}: {c.error}",
+                             fix=f"to export them again, delete {self.state_path} and rerun (finished exports are found in the bucket and not redone)")
         return {job.name: self.leaves(job.name) for job in jobs}
 
     def leaves(self, name: str) -> list[str]:
@@ -169,17 +180,20 @@ class TaskManager:
         return [name]
 
     def _reconcile(self) -> None:
-        """Skip jobs whose outputs exist; adopt tasks of the project that carry a job's description."""
+        """Skip jobs whose outputs exist; adopt queued or running tasks of the project that carry a
+        job's description. A COMPLETED task is not adopted on its own: its files existing is what
+        makes a job done, and files deleted on purpose ("delete the export and rerun") must be
+        exported again. Cancelled jobs stay cancelled."""
         tasks = {t.description: t for t in self.client.list_tasks()}
         for job in list(self.jobs.values()):
-            if job.status in ("done", "split", "submitted"):
+            if job.status in ("done", "split", "submitted", "cancelled"):
                 continue
             if output_files(self.client.list_outputs(job.name), job.name):
                 job.status = "done"
                 log.info("export %s exists; skipped", job.name)
                 continue
             task = tasks.get(job.description)
-            if task is not None and task.state in ACTIVE:
+            if task is not None and task.state in ADOPTABLE:
                 job.status, job.task_id = "submitted", task.id
                 log.info("export %s is already queued as task %s; not resubmitted", job.name, task.id)
             elif job.status == "failed":
@@ -217,7 +231,17 @@ class TaskManager:
         progressed = False
         for job in waiting:
             st = statuses.get(job.task_id)
-            if st is None or st.state in ACTIVE:
+            if st is None:
+                continue
+            if st.state in CANCELLED_STATES:  # stopped on purpose: never resubmitted
+                job.status = "cancelled"
+                job.error = f"task {job.task_id} was cancelled in Earth Engine ({st.state})"
+                job.eecu_seconds += st.eecu_seconds
+                log.warning("export %s: %s; not resubmitted", job.name, job.error)
+                self.save()
+                progressed = True
+                continue
+            if st.state in ACTIVE:
                 continue
             progressed = True
             job.eecu_seconds += st.eecu_seconds
