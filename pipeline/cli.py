@@ -96,6 +96,10 @@ def run(
     cluster = cluster_spec(workers, scheduler)
     probe(cluster)
     s = load_site(site)
+    if s.source == "gee":  # before credentials, network or any export: an unset/placeholder gee.bucket stops here
+        from .ingest.gee.bucket import require_bucket
+
+        require_bucket(s)
     console = _console()
     y, notes = production.resolve_year(s, year)
     for note in notes:

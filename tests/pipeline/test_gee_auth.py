@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import gee_demo_doc, write_site
 
 from cropmap.pipeline.errors import AuthError, SiteError
 from cropmap.pipeline.ingest.gee.auth import check_auth, require_auth
 from cropmap.pipeline.sites import list_site_names, load_site
+from cropmap.regions import SITES_DIR
 
 SECRET = "-----BEGIN PRIVATE KEY-----NOT-A-REAL-KEY"
 
@@ -68,11 +70,48 @@ def test_cli_auth_check_and_run_without_credentials(tmp_path):
     assert r.returncode == 2 and "project:     MISSING" in r.stdout and r.stderr.count("\n") == 1
     ok = _cli(["auth", "check", "--site", "iowa"], {**env, "GOOGLE_APPLICATION_CREDENTIALS": str(key_file(tmp_path)), "EE_PROJECT": "p"}, tmp_path)
     assert ok.returncode == 0 and "svc@p.iam" in ok.stdout and SECRET not in ok.stdout + ok.stderr
-    run = _cli(["run", "--site", "iowa", "--out", str(tmp_path / "runs")], env, tmp_path)
+    # a site with a real bucket gets as far as the ingest stage, which needs credentials
+    doc = yaml.safe_load((SITES_DIR / "iowa.yaml").read_text())
+    doc["name"], doc["gee"]["bucket"] = "iowa-own", "my-own-bucket-19"
+    write_site(tmp_path / "sites", doc)
+    env["CROPMAP_SITES_DIR"] = str(tmp_path / "sites")
+    run = _cli(["run", "--site", "iowa-own", "--out", str(tmp_path / "runs")], env, tmp_path)
     lines = [line for line in run.stderr.splitlines() if line.strip()]  # rich's transient progress leaves a blank line
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("cropmap: error: stage ingest: Earth Engine is not set up")
-    manifest = json.loads((tmp_path / "runs" / "iowa" / "2024" / "run.json").read_text())
+    manifest = json.loads((tmp_path / "runs" / "iowa-own" / "2024" / "run.json").read_text())
     assert manifest["status"] == "failed" and SECRET not in json.dumps(manifest)
+
+
+@pytest.mark.parametrize("bucket", ["your-bucket", "cropmap-exports"])
+def test_cli_run_stops_at_once_on_a_placeholder_bucket(tmp_path, bucket):
+    """`cropmap run --site iowa` as shipped (placeholder bucket): one line naming gee.bucket, exit 2,
+    before credentials, network, the run directory or any export (no credentials are set here)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "EE_PROJECT", "GOOGLE_CLOUD_PROJECT")}
+    env["HOME"] = str(tmp_path)
+    site = "iowa"
+    if bucket != "your-bucket":
+        doc = yaml.safe_load((SITES_DIR / "iowa.yaml").read_text())
+        doc["name"], doc["gee"]["bucket"], site = "iowa-old", bucket, "iowa-old"
+        write_site(tmp_path / "sites", doc)
+        env["CROPMAP_SITES_DIR"] = str(tmp_path / "sites")
+    run = _cli(["run", "--site", site, "--year", "auto", "--out", str(tmp_path / "runs")], env, tmp_path)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"cropmap: error: site '{site}' has the placeholder gee.bucket '{bucket}'") and "set gee.bucket" in lines[0]
+    assert not (tmp_path / "runs").exists()  # stopped before anything was written or submitted
+
+
+def test_bucket_problem_unset_placeholder_and_real(tmp_path):
+    from cropmap.pipeline.ingest.gee.bucket import bucket_problem, require_bucket
+
+    iowa = load_site("iowa")
+    assert "placeholder gee.bucket 'your-bucket'" in bucket_problem(iowa)
+    unset = iowa.model_copy(update={"gee": iowa.gee.model_copy(update={"bucket": None, "export_folder": str(tmp_path)})})
+    assert "has no gee.bucket" in bucket_problem(unset)
+    with pytest.raises(SiteError, match="set gee.bucket in the site file"):
+        require_bucket(unset)
+    real = iowa.model_copy(update={"gee": iowa.gee.model_copy(update={"bucket": "acme-crops-19"})})
+    assert bucket_problem(real) is None and bucket_problem(load_site("demo")) is None
 
 
 def test_gee_sites_validate_and_are_listed():

@@ -123,6 +123,28 @@ def test_list_tasks_pages_and_parses_operations(tmp_path, http):
     assert http.requests == [("GET", "projects/test/operations/C3", None)]
 
 
+def test_list_tasks_stops_paging_at_the_task_lifetime(tmp_path, http):
+    """A poll does not page through the project's whole history: after a page holding only
+    operations created more than 10 days ago (a task's lifetime), no further page is requested."""
+    import datetime as dt
+
+    client, _ = real_client(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def aged(tid, state, days):
+        o = op(tid, state, f"job_{tid}")
+        o["metadata"]["createTime"] = (now - dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return o
+
+    page1 = {"operations": [aged("A", "RUNNING", 0.1), aged("B", "SUCCEEDED", 3)], "nextPageToken": "p2"}
+    page2 = {"operations": [aged("C", "PENDING", 9), aged("D", "SUCCEEDED", 12)], "nextPageToken": "p3"}
+    page3 = {"operations": [aged("E", "SUCCEEDED", 40), aged("F", "FAILED", 50)], "nextPageToken": "p4"}
+    with http([ok(page1), ok(page2), ok(page3)]):  # page 4 would be an unscripted request: the mock raises
+        tasks = client.list_tasks()
+    assert [t.id for t in tasks] == ["A", "B", "C"]
+    assert len(http.requests) == 3 and "pageSize=500" in http.mock.request_sequence[0][0]
+
+
 def test_task_manager_over_http_splits_on_memory_errors(tmp_path, http, ee_offline):
     """One tile job through the real client: the export fails on the server with "User memory limit
     exceeded" (a FAILED operation), the manager splits it into four quadrants, all succeed."""

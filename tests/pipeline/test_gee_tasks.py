@@ -166,3 +166,38 @@ def test_operation_status_and_output_names():
     assert status_from_operation({"name": "x/y/Z", "metadata": {"state": "PENDING"}}).state == "READY"
     names = ["a/t0.tif", "a/t0-0000000000-0000002560.tif", "a/t0q1.tif", "a/t0.csv", "a/t0.tif.aux"]
     assert output_files(names, "a/t0") == ["a/t0-0000000000-0000002560.tif", "a/t0.csv", "a/t0.tif"]
+
+
+def test_a_cancelled_task_is_not_resubmitted(ee_offline, tmp_path):
+    client = FakeClient(tmp_path / "out", serve_constant, script={"t1": ["cancel"], "t2": ["cancelling"]})
+    m, _ = manager(client, tmp_path, ee_offline, max_attempts=3)
+    with pytest.raises(StageError, match=r"2 Earth Engine export\(s\) were cancelled and are not resubmitted.*CANCEL.*delete .*state.json"):
+        m.run(jobs(3))
+    assert client.started.count("p/site/2020/s2/t1") == 1 and client.started.count("p/site/2020/s2/t2") == 1
+    assert m.jobs["p/site/2020/s2/t0"].status == "done"
+    assert {m.jobs[f"p/site/2020/s2/t{i}"].status for i in (1, 2)} == {"cancelled"}
+    # a rerun with the same state file does not resubmit them either
+    m2, _ = manager(client, tmp_path, ee_offline)
+    with pytest.raises(StageError, match="cancelled"):
+        m2.run(jobs(3))
+    assert len(client.started) == 3
+
+
+def test_cancelled_is_not_a_retryable_error_and_cancelling_maps_to_cancel_requested():
+    assert classify_error("Cancelled.") == "fatal" and classify_error("CANCELLED") == "fatal"
+    st = status_from_operation({"name": "projects/p/operations/X", "metadata": {"state": "CANCELLING", "description": "d"}})
+    assert st.state == "CANCEL_REQUESTED"
+    from cropmap.pipeline.ingest.gee.client import ACTIVE, ADOPTABLE
+    assert "CANCEL_REQUESTED" in ACTIVE and "CANCEL_REQUESTED" not in ADOPTABLE  # counts against the cap, never adopted
+
+
+def test_completed_task_with_deleted_outputs_is_exported_again(ee_offline, tmp_path):
+    """The deliberate choice of _reconcile: files existing make a job done; a COMPLETED task of the
+    project whose files were deleted (to redo them) is not adopted but exported again."""
+    serve_constant("p/site/2020/s2/t0", {}, tmp_path / "out")
+    listed = [TaskStatus("C0", "p_site_2020_s2_t0", "COMPLETED"), TaskStatus("C1", "p_site_2020_s2_t1", "COMPLETED")]
+    client = FakeClient(tmp_path / "out", serve_constant, other_tasks=listed)
+    m, _ = manager(client, tmp_path, ee_offline)
+    m.run(jobs(2))
+    assert client.started == ["p/site/2020/s2/t1"]  # t0's files exist: skipped; t1's are gone: exported again
+    assert all(age == 10 for age in client.list_calls)  # listings are bounded to a task's lifetime

@@ -404,6 +404,26 @@ class DemoServer:
         data = self.compute(kind, expr, grid)
         return encode_npy(data[[names.index(b) for b in wanted]], list(wanted))
 
+    def sampling(self, request: dict) -> tuple[dict[int, int] | None, dict[int, int] | int]:
+        """(CDL code -> stratum, stratum -> points) read from the request's ``stratifiedSample`` and the
+        ``remap`` making its class band; without an expression: every code its own stratum with
+        ``samples_per_class`` points."""
+        if "expression" not in request:
+            return None, self.site.gee.samples_per_class
+        g = Graph(request["expression"])
+        (ss,) = g.calls("Image.stratifiedSample")
+        a = ss["arguments"]
+        values = g.constant(a["classValues"]) if "classValues" in a else []
+        counts = g.constant(a["classPoints"]) if "classPoints" in a else []
+        default = int(g.constant(a["numPoints"]))
+        remaps = [r for r in g.calls("Image.remap") if set(g.constant(r["arguments"]["to"])) <= set(values)]  # not the SCL one
+        strata = dict(zip(g.constant(remaps[0]["arguments"]["from"]), g.constant(remaps[0]["arguments"]["to"]))) if remaps else None
+        points = {int(v): int(n) for v, n in zip(values, counts)}
+        if strata is not None:
+            for cls in set(strata.values()):
+                points.setdefault(int(cls), default)
+        return strata, points if strata is not None else default
+
     def serve_samples(self, name: str, request: dict, folder: Path) -> None:
         """Stratified points (``samples_per_class`` per label code, inside the export's tile when it is
         one of the site's) with their clear raw S2 acquisitions (DN) and S1 acquisitions (dB) as CSV."""
@@ -411,6 +431,7 @@ class DemoServer:
 
         rng = np.random.default_rng(self.seed)
         block = self.site.gee.block_size_m
+        strata, points = self.sampling(request)
         tiles = {t.name: t for t in site_tiles(self.site)}
         leaf = name.split("/")[-1]
         tile = next((t for n, t in tiles.items() if leaf == n or (leaf.startswith(n) and set(leaf[len(n):]) <= set("q0123"))), None)
@@ -428,19 +449,21 @@ class DemoServer:
                 inside[:] = False
                 if w is not None:
                     inside[w[0], w[1]] = True
-            for code in np.unique(codes[(codes > 0) & inside]):
-                rr, cc = np.nonzero((codes == code) & inside)
-                pick = rng.choice(len(rr), size=min(self.site.gee.samples_per_class, len(rr)), replace=False)
+            stratum = np.vectorize(lambda v: strata.get(int(v), 0), otypes=[np.int64])(codes) if strata is not None else codes
+            for cls in np.unique(stratum[(stratum > 0) & inside]):
+                rr, cc = np.nonzero((stratum == cls) & inside)
+                pick = rng.choice(len(rr), size=min(points.get(int(cls), 0) if isinstance(points, dict) else points, len(rr)), replace=False)
                 for k in pick:
                     r, c = int(rr[k]), int(cc[k])
                     x, y = lgrid.transform @ (c + 0.5, r + 0.5)
-                    point = {"sample_id": f"{cube.attrs['tile']}_{r}_{c}", "label": int(code), "block_x": int(x // block),
+                    point = {"sample_id": f"{cube.attrs['tile']}_{r}_{c}", "label": int(codes[r, c]), "block_x": int(x // block),
                              "block_y": int(y // block), "x": x, "y": y}
                     for t in np.nonzero(clear[:, r, c])[0]:
-                        rows.append({**point, "date": days2[t].strftime("%Y-%m-%d"), **{bd: int(dn[t, j, r, c]) for j, bd in enumerate(b2)}})
+                        rows.append({**point, "date": days2[t].strftime("%Y-%m-%d"), **{bd: int(dn[t, j, r, c]) for j, bd in enumerate(b2)},
+                                     S2_SCORE: 1.0})
                     for t in np.nonzero(~np.isnan(s1[:, :, r, c]).all(axis=1))[0] if b1 else []:
                         rows.append({**point, "date": days1[t].strftime("%Y-%m-%d"), **{bd: float(s1[t, j, r, c]) for j, bd in enumerate(b1)}})
-        columns = request.get("selectors") or [*SAMPLE_COLUMNS, *b2, *b1]
+        columns = request.get("selectors") or [*SAMPLE_COLUMNS, *b2, S2_SCORE, *b1]
         path = folder / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows, columns=columns).to_csv(path, index=False)

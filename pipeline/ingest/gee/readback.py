@@ -137,7 +137,8 @@ def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: in
     df["date"] = pd.to_datetime(df["date"])
     if bands_s1 and s1_window > 1:
         df = _composite_s1_rows(df, bands_s2, bands_s1, s1_window)
-    # one row per sample and day (an S2 and an S1 acquisition of one day share it, first value kept)
+    df = dedupe_same_day(df, bands_s2, bands_s1)
+    # one row per sample and day: its S2 row and its S1 row (at most one each now) share it
     df = df.groupby(["sample_id", "date"], as_index=False, sort=False).first()
     tr = site.training
     df["split"] = block_split(df["block_x"].to_numpy(), df["block_y"].to_numpy(), seed, tr.test_fraction, tr.val_fraction)
@@ -149,6 +150,37 @@ def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: in
     samples = long_table_to_samples(df, source="Earth Engine sample export")
     samples.class_names = {c.code: c.name for c in legend.classes}
     return samples
+
+
+def dedupe_same_day(df: pd.DataFrame, bands_s2: list[str], bands_s1: list[str]) -> pd.DataFrame:
+    """At most one S2 and one S1 row per sample and day, whatever the row order of the export.
+
+    S2: overlapping granules of one day (MGRS tiles of one datatake) are the same acquisition
+    processed twice; the row kept is the clearest (highest ``cs_cdf``, ties broken by the band
+    values), so the values are one real observation, consistent across bands. S1: same-day scenes
+    (overlapping slices of one datatake) are averaged in linear power, as the composites are; radar
+    has no clear score to choose by. The exports already hold one S2 image per day
+    (:func:`.builders.daily_clearest`): this also covers tables exported before, and quadrants."""
+    from .builders import S2_SCORE
+
+    has2 = df[bands_s2].notna().any(axis=1) if bands_s2 else pd.Series(False, index=df.index)
+    s2, rest = df[has2], df[~has2]
+    if len(s2) and s2.duplicated(["sample_id", "date"]).any():
+        score = [S2_SCORE] if S2_SCORE in s2.columns else []
+        s2 = (s2.sort_values(["sample_id", "date", *score, *bands_s2], ascending=[True, True] + [False] * len(score) + [True] * len(bands_s2),
+                             kind="mergesort")
+              .drop_duplicates(["sample_id", "date"], keep="first"))
+    if bands_s1 and len(rest) and rest.duplicated(["sample_id", "date"]).any():
+        lin = rest.copy()
+        for b in bands_s1:
+            lin[b] = np.power(10.0, lin[b].astype(np.float64) / 10.0)
+        firsts = lin.groupby(["sample_id", "date"], sort=True).first()
+        means = lin.groupby(["sample_id", "date"], sort=True)[bands_s1].mean()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for b in bands_s1:
+                firsts[b] = (10.0 * np.log10(means[b])).astype(np.float32)
+        rest = firsts.reset_index()[list(df.columns)]
+    return pd.concat([s2, rest], ignore_index=True)
 
 
 def _composite_s1_rows(df: pd.DataFrame, bands_s2: list[str], bands_s1: list[str], window: int) -> pd.DataFrame:
