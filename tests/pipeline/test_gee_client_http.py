@@ -129,7 +129,7 @@ def test_list_tasks_stops_paging_at_the_task_lifetime(tmp_path, http):
     import datetime as dt
 
     client, _ = real_client(tmp_path)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def aged(tid, state, days):
         o = op(tid, state, f"job_{tid}")

@@ -34,7 +34,18 @@ from affine import Affine
 
 from ...cube import TileGrid, grid_of
 from ...sites import Site
-from .builders import CLOUD_SCORE_PLUS, S1_COLLECTION, S1_NODATA, S1_RESOLUTION_M, S2_COLLECTION, S2_SCORE, SAMPLE_COLUMNS, Period, composite_periods, task_request
+from .builders import (
+    CLOUD_SCORE_PLUS,
+    S1_COLLECTION,
+    S1_NODATA,
+    S1_RESOLUTION_M,
+    S2_COLLECTION,
+    S2_SCORE,
+    SAMPLE_COLUMNS,
+    Period,
+    composite_periods,
+    task_request,
+)
 from .client import ACTIVE, LocalExports, TaskStatus
 from .graph import Evaluator, Graph, Img, ms
 
@@ -306,7 +317,7 @@ class DemoServer:
             b2, b1 = list(cube.attrs["bands_s2"]), list(cube.attrs["bands_s1"])
             dn, clear, s1 = cube["s2"].values, cube["s2_clear"].values, cube["s1"].values
 
-            def place(values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            def place(values: np.ndarray, valid: np.ndarray, win=win) -> tuple[np.ndarray, np.ndarray]:
                 data = np.zeros((values.shape[0], h, w))
                 mask = np.zeros((values.shape[0], h, w), bool)
                 if win is not None:

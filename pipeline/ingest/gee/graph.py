@@ -175,7 +175,7 @@ class Img:
 
 def ms(day: dt.date | str) -> int:
     d = dt.date.fromisoformat(day) if isinstance(day, str) else day
-    return int((dt.datetime(d.year, d.month, d.day, tzinfo=dt.timezone.utc)).timestamp() * 1000)
+    return int((dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC)).timestamp() * 1000)
 
 
 _CASTS = {"Image.toUint16": ("uint16", 0, 65535), "Image.toUint8": ("uint8", 0, 255), "Image.toInt16": ("int16", -32768, 32767),

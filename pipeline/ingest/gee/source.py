@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 
 from ...cube import TileGrid
-from ...errors import DataError, SiteError
+from ...errors import DataError
 from ...sites import Site
 from .client import Client, output_files
 from .pixels import FetchStats
@@ -30,9 +30,8 @@ log = logging.getLogger(__name__)
 def make_client(site: Site) -> Client:
     """The real client for ``site``: credentials checked now (one clear error if missing), Earth Engine initialised on first use."""
     from .auth import initialize, load_credentials, require_auth
-    from .client import BucketExports, EarthEngineClient, LocalExports
-
     from .bucket import require_bucket
+    from .client import BucketExports, EarthEngineClient, LocalExports
 
     gee = site.gee
     require_bucket(site)
