@@ -56,3 +56,39 @@ def test_same_day_rows_keep_the_clearest_s2_and_the_linear_mean_s1(order):
     key = ["date", "B02", "VV"]
     pd.testing.assert_frame_equal(out.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True),
                                   check_dtype=False)
+
+
+def test_the_fake_sample_export_takes_class_points_from_the_expression(tmp_path, sites_dir, ee_offline):
+    """The row budget reaches the export: points per class come from the expression's classPoints
+    (lowered by table_rows_per_tile), and the fake serves exactly that many per legend class."""
+    from conftest import TILE_FULL, gee_demo_doc, write_site
+
+    from cropmap.pipeline.ingest.gee.fake import DemoServer, FakeClient
+    from cropmap.pipeline.ingest.gee.source import GeeSource
+    from cropmap.pipeline.ingest.local import read_label_raster, read_tile
+    from cropmap.pipeline.sites import load_legend
+
+    demo = load_site("demo")
+    cube, _ = read_tile(demo, TILE_FULL, 2019)
+    labels = read_label_raster(demo, TILE_FULL)
+    write_site(sites_dir, gee_demo_doc(tmp_path / "exports", samples="table"))
+    base = load_site("demo-gee")
+    per_point = table_rows_per_tile(base, 2019)
+    budget = 3 * per_point.classes * per_point.rows_per_point
+    write_site(sites_dir, gee_demo_doc(tmp_path / "exports", samples="table", table_rows_per_tile=budget))
+    site = load_site("demo-gee")
+    plan = table_rows_per_tile(site, 2019)
+    assert plan.points_per_class == 3 < site.gee.samples_per_class and max(plan.per_tile.values()) <= budget
+
+    def info(expr):
+        return ["2018", "2019"] if "AggregateFeatureCollection" in str(expr) else ["cropland", "confidence"]
+
+    client = FakeClient(tmp_path / "exports", DemoServer(site, 2019, [cube.load()], [labels]), info=info)
+    src = GeeSource(site, 2019, lambda s: client)
+    leaves = src.export_samples(tmp_path / "run")
+    table = pd.read_csv(src._files(leaves["x0000y0000"], tmp_path / "cache")[0])
+    lookup = load_legend("demo").source_lookup()
+    points = table.drop_duplicates("sample_id")
+    per_class = points["label"].map(lambda v: lookup.get(int(v))).value_counts()
+    assert per_class.max() == 3 and (per_class <= 3).all() and len(per_class) >= 3
+    assert "cs_cdf" in table.columns and table.loc[table["B02"].notna(), "cs_cdf"].notna().all()

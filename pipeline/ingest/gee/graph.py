@@ -7,10 +7,12 @@ Two tools over the graph ``ee.serializer.encode(x, for_cloud_api=True)`` produce
 * :class:`Evaluator` *computes* an image expression with numpy over a small catalog of local
   acquisitions (the fake client's demo pixels), for the algorithms the composite builders use.
   It follows Earth Engine's rules where they decide what a graph selects: an image built by
-  arithmetic (``Image.pow``, ``Image.multiply``, comparisons, casts, reducers ...) carries **no
+  arithmetic (``Image.pow``, ``Image.multiply``, comparisons, reducers, constants) carries **no
   properties**, so a later ``filterDate`` (``Filter.dateRangeContains`` on ``system:time_start``)
   drops it; ``select``/``rename``/``updateMask``/``addBands``/``set``/``copyProperties`` keep
-  them. A graph that would select nothing on the server therefore yields nothing here too.
+  them. Where the server's behaviour is not documented (casts such as ``toFloat``) it takes the
+  strict side (properties dropped), so builders must ``copyProperties`` last, which is right on the
+  server either way. A graph that would select nothing on the server yields nothing here too.
   It is stricter than the server in one place: merging collections whose bands have different
   types raises (the server silently promotes; the builders cast the padding image instead).
 

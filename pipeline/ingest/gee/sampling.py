@@ -89,6 +89,9 @@ class TableRows:
                    if self.points_per_class < self.requested_points else f" (within gee.table_rows_per_tile {self.budget:,})")
         per = sorted(set(self.per_tile.values()))
         per_txt = f"{per[0]:,}" if len(per) == 1 else f"{per[0]:,}-{per[-1]:,}"
+        if max(self.per_tile.values(), default=0) > self.budget:
+            lowered = (f" (OVER gee.table_rows_per_tile {self.budget:,} even at 1 point per class: raise it, or shorten"
+                       " the season)")
         return [f"table samples {self.site} {self.year}: {self.points_per_class} points per class x {self.classes} classes"
                 f" = {self.points_per_tile:,} points per tile{lowered}",
                 f"  rows per point <= {self.rows_per_point} ({self.s2_days} S2 days + {self.s1_days} S1 acquisitions,"
