@@ -8,8 +8,8 @@ submitted; :func:`require_bucket` stops the run at once instead, before credenti
 
 from __future__ import annotations
 
-from ...errors import SiteError
-from ...sites import Site
+from cropmap.pipeline.errors import SiteError
+from cropmap.pipeline.sites import Site
 
 PLACEHOLDER_BUCKETS = frozenset({"cropmap-exports", "your-bucket", "my-bucket", "example-bucket", "bucket",
                                  "changeme", "change-me", "replace-me", "todo"})

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import ee
 
-from ...sites import Gee, Legend, Site, load_legend
-from .tiles import ExportTile, task_description
+from cropmap.pipeline.ingest.gee.tiles import ExportTile, task_description
+from cropmap.pipeline.sites import Gee, Legend, Site, load_legend
 
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 CLOUD_SCORE_PLUS = "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED"

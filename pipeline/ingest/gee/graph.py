@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ...cube import TileGrid
+from cropmap.pipeline.cube import TileGrid
 
 
 class Unsupported(ValueError):

@@ -29,7 +29,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 
-from ...sites import Site, load_legend
+from cropmap.pipeline.sites import Site, load_legend
 
 S2_REPEAT_DAYS = 10
 S1_REPEAT_DAYS = 12
@@ -102,8 +102,8 @@ class TableRows:
 def table_rows_per_tile(site: Site, year: int) -> TableRows:
     """Points per class and the most rows of each tile's sample table (and in total) for ``site`` and
     ``year``; pure (reads the site's legend file, no Earth Engine call)."""
-    from .builders import sampling_strata, season
-    from .tiles import site_tiles
+    from cropmap.pipeline.ingest.gee.builders import sampling_strata, season
+    from cropmap.pipeline.ingest.gee.tiles import site_tiles
 
     if site.gee is None:
         raise ValueError(f"site {site.name!r} is not a gee site")
