@@ -330,6 +330,17 @@ class Gee(_Strict):
     ``block_size_m``). ``table`` suits state-wide CDL sites, where every labelled pixel is far too many."""
     max_concurrent_requests: int = Field(default=8, ge=1, le=32)
     """computePixels requests in flight at once (Earth Engine allows 40 per endpoint)."""
+    aux: list[Literal["era5", "srtm"]] = Field(default_factory=list)
+    """Auxiliary inputs exported on the cube's grid for the pre-trained encoder (Presto): ``era5``
+    (monthly ERA5-Land 2 m temperature and total precipitation), ``srtm`` (elevation, slope). Off by
+    default: their benefit is not benchmarked (see pipeline/ingest/gee/aux.py)."""
+
+    @field_validator("aux")
+    @classmethod
+    def _aux(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists an input twice: {v}")
+        return v
 
     @field_validator("bucket")
     @classmethod
@@ -352,6 +363,8 @@ class Gee(_Strict):
     def _dest(self) -> Gee:
         if not self.bucket and not self.export_folder:
             raise ValueError("set `bucket` (Cloud Storage) or `export_folder` (local copy of the exports)")
+        if self.aux and self.cubes == "pixels":
+            raise ValueError("aux inputs are batch exports: use cubes: export with aux, or drop aux")
         return self
 
     def folder(self) -> Path | None:
