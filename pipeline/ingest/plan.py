@@ -681,3 +681,97 @@ def run_ingest_stages(site: Site, year: int, out: Path, *, gee_client=None) -> d
         runner = Runner(vplan.dir, header, reuse_from=vplan.reuse_from)
         manifest = runner.run(stages, lambda done: {"cube": done["ingest"]["cube"], "labels": done["labels"]["labels"]})
     return {"status": manifest.get("status"), "run_dir": str(vplan.dir)}
+
+
+# ---------------------------------------------------------------- a site from a polygon file
+ZONE_OVERLAP_DEG = 0.03
+"""A zone's part reaches this far (about 2-3 km) past the zone edge, so neighbouring zone maps overlap."""
+
+
+def _read_polygon_lonlat(path: Path):
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SiteError(f"polygon file {str(path)!r} does not exist", fix="pass a GeoJSON, GeoPackage or Shapefile")
+    try:
+        df = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises many kinds for a damaged or foreign file
+        raise SiteError(f"cannot read polygon file {str(path)!r} ({type(exc).__name__})", fix="pass a GeoJSON, GeoPackage or Shapefile") from None
+    if df.crs is None:
+        raise SiteError(f"polygon file {path.name} has no CRS", fix="add its CRS (GeoJSON is WGS 84)")
+    geom = df.to_crs(4326).union_all()
+    if geom.is_empty or geom.area == 0:
+        raise SiteError(f"polygon file {path.name} holds no polygon area", fix="pass the site's boundary polygon(s)")
+    return geom
+
+
+def _project(geom, epsg: int):
+    """``geom`` (lon/lat) in ``epsg``."""
+    import shapely
+    from pyproj import Transformer
+
+    proj = Transformer.from_crs(4326, epsg, always_xy=True).transform
+    return shapely.transform(geom, lambda x, y: proj(x, y), interleaved=False)
+
+
+def _snap_out(bounds, res: float) -> list[int]:
+    xmin, ymin, xmax, ymax = bounds
+    return [int(math.floor(xmin / res) * res), int(math.floor(ymin / res) * res),
+            int(math.ceil(xmax / res) * res), int(math.ceil(ymax / res) * res)]
+
+
+def zones_of_polygon(path: Path, resolution: float = 10) -> list[dict[str, Any]]:
+    """The UTM zone(s) a polygon file covers: per zone, its CRS, the extent (site CRS, snapped
+    outwards to ``resolution``) of the polygon's part in it, and that part's area (km2)."""
+    from shapely.geometry import box
+
+    geom = _read_polygon_lonlat(path)
+    west, south, east, north = geom.bounds
+    north_hemi = geom.centroid.y >= 0
+    out = []
+    for zone in range(int((west + 180) // 6) + 1, int((east + 180) // 6) + 2):
+        if zone > 60:
+            break
+        lo, hi = -180 + (zone - 1) * 6, -180 + zone * 6
+        part = geom.intersection(box(lo - ZONE_OVERLAP_DEG, -90, hi + ZONE_OVERLAP_DEG, 90))
+        core = geom.intersection(box(lo, -90, hi, 90))
+        if core.is_empty or core.area == 0:
+            continue
+        epsg = (32600 if north_hemi else 32700) + zone
+        out.append({"crs": f"EPSG:{epsg}", "extent": _snap_out(_project(part.segmentize(0.01), epsg).bounds, resolution),
+                    "area_km2": round(_project(core, epsg).area / 1e6, 1)})
+    return out
+
+
+def site_file_from_polygon(path: Path, name: str, *, label_source: str = "cdl", resolution: float = 10) -> str:
+    """A site file (YAML text) for the area of a polygon file: UTM zone(s), extent(s), the polygon as
+    ``boundary.file`` (so ``cropmap ingest --plan`` computes each tile's share inside it)."""
+    from ..sites import SITE_NAME
+
+    if not SITE_NAME.match(name or ""):
+        raise SiteError(f"invalid site name {name!r}", fix="use lower-case letters, digits, '-' or '_'")
+    if label_source not in ("cdl", "parcels"):
+        raise SiteError(f"unknown label source {label_source!r}", fix="use cdl (USDA CDL, US) or parcels (a local parcel file)")
+    zones = zones_of_polygon(path, resolution)
+    main = max(zones, key=lambda z: z["area_km2"])
+    geom = _read_polygon_lonlat(path)
+    lines = [f"# Site {name}, made from the polygon file {Path(path).resolve()} (cropmap ingest --from-polygon).",
+             "# Check every field, set gee.bucket, then: cropmap ingest --plan --site " + name,
+             f"name: {name}", f"title: {name}", f"crs: {main['crs']}", f"resolution: {resolution:g}"]
+    if len(zones) > 1:
+        whole = _project(geom.segmentize(0.01), int(main["crs"].split(":")[1]))
+        lines.append(f"extent: {_snap_out(whole.bounds, resolution)}   # whole site in {main['crs']}")
+        lines.append(f"zones:   # the site spans {len(zones)} UTM zones: each is exported and mapped on its own grid")
+        lines += [f"  - {{crs: {z['crs']}, extent: {z['extent']}}}   # {z['area_km2']:,.0f} km2" for z in zones]
+    else:
+        lines.append(f"extent: {main['extent']}   # {main['area_km2']:,.0f} km2 inside")
+    w, s, e, n = (round(v, 4) for v in geom.bounds)
+    lines += ["boundary:", f"  file: {Path(path).resolve()}", f"  bounds_lonlat: [{w}, {s}, {e}, {n}]",
+              f"  source: the polygon file {Path(path).name}", "source: gee", f"label_source: {label_source}",
+              f"legend: {'cdl' if label_source == 'cdl' else 'rpg'}", f"years: [{dt.date.today().year - 1}]", "gee:",
+              "  bucket: cropmap-exports    # SET your bucket", "  tile_size_m: 30000", "  season_start_month: 3",
+              "  season_months: 9"]
+    if label_source == "parcels":
+        lines += ["parcels:", "  path: SET-ME.gpkg          # the local parcel file (RPG, EuroCrops)", "  code_column: CODE_GROUP"]
+    return "\n".join(lines) + "\n"

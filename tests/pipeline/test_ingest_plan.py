@@ -275,3 +275,53 @@ def test_zone_sites_and_aux_validation(sites_dir, tmp_path):
     site = Site.model_validate(gee_demo_doc(tmp_path / "e", aux=["era5", "srtm"]))
     assert GeeSource(site, 2019, lambda s: None).cube_kinds() == ["s2", "s1", "era5", "srtm"]
     assert Site.model_validate(gee_demo_doc(tmp_path / "e")).gee.aux == []  # off by default
+
+
+def test_ingest_without_plan_runs_only_ingest_and_labels(sites_dir, tmp_path, ee_offline):
+    from cropmap.pipeline.ingest.local import read_label_raster, read_tile
+    from cropmap.pipeline.runner import load_manifest
+
+    write_site(sites_dir, gee_demo_doc(tmp_path / "exports"))
+    demo = load_site("demo")
+    cube, _ = read_tile(demo, TILE_FULL, 2019)
+    clients = []
+
+    def factory(site):
+        clients.append(FakeClient(tmp_path / "exports", DemoServer(site, 2019, [cube], [read_label_raster(demo, TILE_FULL)]), info=_cdl_info))
+        return clients[-1]
+
+    lines = []
+    res = ingest_command("demo-gee", "2019", tmp_path / "runs", gee_client=factory, echo=lines.append)
+    run_dir = tmp_path / "runs" / "demo-gee" / "2019" / "versions" / "v1"
+    assert res["demo-gee"]["status"] == "succeeded" and res["demo-gee"]["run_dir"] == str(run_dir)
+    manifest = load_manifest(run_dir)
+    assert list(manifest["stages"]) == ["ingest", "labels"]
+    assert (run_dir / "cube" / "x0000y0000.zarr").is_dir() and (run_dir / "labels" / "x0000y0000_class.tif").is_file()
+    assert sorted(clients[0].started) == sorted(t.name for t in plan_ingest(load_site("demo-gee"), 2019).zones[0].tasks)
+    # the plan of that run directory: everything exists
+    assert plan_ingest(load_site("demo-gee"), 2019, tmp_path / "runs").totals["planned"] == 0
+
+
+def test_site_file_from_a_polygon(tmp_path):
+    import yaml
+
+    from cropmap.pipeline.ingest.plan import site_file_from_polygon, zones_of_polygon
+    from cropmap.pipeline.sites import Site
+
+    p = tmp_path / "area.geojson"
+    ring = [(-91.5, 37.0), (-87.5, 37.0), (-87.5, 42.5), (-91.5, 42.5), (-91.5, 37.0)]
+    p.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}))
+    zones = zones_of_polygon(p)
+    assert [z["crs"] for z in zones] == ["EPSG:32615", "EPSG:32616"]
+    site = Site.model_validate(yaml.safe_load(site_file_from_polygon(p, "mine")))
+    assert [z.name for z in site.zone_sites()] == ["mine-utm15n", "mine-utm16n"] and site.boundary.resolved_file() == p.resolve()
+    plan = plan_ingest(site, 2024)
+    shares = [t.inside_share for z in plan.zones for t in z.tiles]
+    assert min(shares) < 1 and max(shares) == 1.0  # the zone parts' overlap strips and rounded edges lie partly outside
+    small = tmp_path / "county.geojson"
+    small.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        [(3.0, 50.0), (3.2, 50.0), (3.2, 50.1), (3.0, 50.0)]]}}))
+    one = Site.model_validate(yaml.safe_load(site_file_from_polygon(small, "c", label_source="parcels")))
+    assert one.crs == "EPSG:32631" and not one.zones and one.label_source == "parcels"
+    with pytest.raises(SiteError, match="does not exist"):
+        zones_of_polygon(tmp_path / "nope.geojson")
