@@ -78,6 +78,8 @@ CONCURRENT_TASKS = 4
 """Batch tasks Earth Engine runs at once for one project ("few"; more stay queued): ASSUMPTION."""
 EECU_PER_TASK_SECOND = 20.0
 """EECUs one batch task uses in parallel (its wall time = its EECU-seconds / this): ASSUMPTION."""
+TASK_OVERHEAD_MINUTES = 5.0
+"""Queueing and start-up of one batch task before it computes: ASSUMPTION."""
 
 
 # ---------------------------------------------------------------- years
@@ -483,7 +485,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
     notes += _bucket_notes(site)
     planned = [t for t in tasks if t.state == "planned"]
     eecu_h = sum(c["planned_eecu_hours"] for c in per.values())
-    task_h = [t_eecu / EECU_PER_TASK_SECOND / 3600 for t_eecu in
+    task_h = [t_eecu / EECU_PER_TASK_SECOND / 3600 + TASK_OVERHEAD_MINUTES / 60 for t_eecu in
               (_task_eecu(site, year, t, rate, rows_tile) for t in planned)]
     conc = min(CONCURRENT_TASKS, g.max_pending)
     wall_h = max(sum(task_h) / conc, max(task_h, default=0.0))
@@ -550,6 +552,7 @@ def plan_ingest(site: Site, year: int, out: Path | None = None) -> IngestPlan:
         {"name": "eecu_s_per_sample_row", "value": EECU_S_PER_SAMPLE_ROW, "why": "sampleRegions cost per table row (assumed)"},
         {"name": "concurrent_tasks", "value": CONCURRENT_TASKS, "why": "batch tasks Earth Engine runs at once per project (assumed; more stay queued)"},
         {"name": "eecu_per_task_second", "value": EECU_PER_TASK_SECOND, "why": "parallelism of one batch task (assumed)"},
+        {"name": "task_overhead_minutes", "value": TASK_OVERHEAD_MINUTES, "why": "queueing and start-up of each task (assumed)"},
     ]
     totals = {
         "tiles": sum(len(z.tiles) for z in zones), "tasks": len(tasks), "planned": len(planned),
