@@ -257,15 +257,16 @@ def task_config(site: Site, job) -> dict[str, Any]:
 
     g, t = site.gee, job.tile
     xmin, ymin, xmax, ymax = t.grid.bounds
+    root = f"gs://{g.bucket}" if g.bucket else str(g.folder())
     common = {"description": task_description(job.name), "bucket": g.bucket, "fileNamePrefix": job.name,
               "region": {"type": "Rectangle", "crs": t.crs, "coordinates": [xmin, ymin, xmax, ymax], "geodesic": False}}
     if job.kind == "samples":
         return {"type": "EXPORT_TABLE", **common, "fileFormat": "CSV", "selectors": sample_columns(site),
-                "destination": f"gs://{g.bucket}/{job.name}.csv"}
+                "destination": f"{root}/{job.name}.csv"}
     return {"type": "EXPORT_IMAGE", **common, "crs": t.crs, "crsTransform": t.crs_transform(), "dimensions": f"{t.width}x{t.height}",
             "maxPixels": int(g.max_pixels), "shardSize": SHARD_SIZE, "fileDimensions": [g.file_dimensions, g.file_dimensions],
             "fileFormat": "GeoTIFF", "formatOptions": {"cloudOptimized": True, "noData": _no_data(job.kind)},
-            "destination": f"gs://{g.bucket}/{job.name}*.tif"}
+            "destination": f"{root}/{job.name}*.tif"}
 
 
 def _check(name: str, value, limit, ok: bool, note: str = "") -> dict[str, Any]:
@@ -428,7 +429,8 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
     measured = _measured_rate(stored, site, year)
     rate = measured or EECU_S_PER_MPX_READ
     tasks, per = [], {}
-    for job in [*src.cube_jobs(), *src.labels_jobs(), *src.samples_jobs()]:
+    cube_jobs = [] if g.cubes == "pixels" else src.cube_jobs()  # pixels: computePixels requests, no cube exports
+    for job in [*cube_jobs, *src.labels_jobs(), *src.samples_jobs()]:
         for leaf, state, sj in _leaf_states(job.name, stored):
             tile = job.tile
             if leaf != job.name and sj is not None and sj.get("tile"):
@@ -474,8 +476,8 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
         bands, dtype = _kind_bands(site, year, "s2")
         reqs = sum(len(plan_windows(t.height, t.width, bands * DTYPE_BYTES[dtype], max_bytes=PIXELS_MAX_BYTES,
                                     max_side=PIXELS_MAX_SIDE)) for t in src.tiles)
-        notes.append(f"gee.cubes: pixels: cubes travel as about {reqs} computePixels requests for S2 (each <= 48 MB and "
-                     "<= 32768 px a side), not as the batch exports listed (which the labels still use)")
+        notes.append(f"gee.cubes: pixels: the cubes travel as {reqs} computePixels requests for S2 (each <= 48 MB and "
+                     "<= 32768 px a side) and as many for S1, not as batch exports; only the exports listed are batch tasks")
     if rows_info:
         notes.append(f"table rows per tile: {rows_info['points']} points ({g.samples_per_class} per class x {rows_info['classes']} "
                      f"legend source codes, an upper bound) x ({rows_info['s2_rows_per_point']} clear S2 + "

@@ -325,3 +325,10 @@ def test_site_file_from_a_polygon(tmp_path):
     assert one.crs == "EPSG:32631" and not one.zones and one.label_source == "parcels"
     with pytest.raises(SiteError, match="does not exist"):
         zones_of_polygon(tmp_path / "nope.geojson")
+
+
+def test_pixels_cubes_are_not_planned_as_exports(sites_dir, tmp_path):
+    write_site(sites_dir, gee_demo_doc(tmp_path / "exports", name="px", cubes="pixels"))
+    p = plan_ingest(load_site("px"), 2019)
+    assert {t.kind for t in p.zones[0].tasks} == {"labels"}
+    assert any("computePixels requests" in n for n in p.zones[0].notes)
