@@ -212,7 +212,13 @@ def test_planned_run_submits_exactly_the_planned_tasks(sites_dir, tmp_path, ee_o
     tile = src.tiles[0]
     c = src.read_cube(tile, leaves[tile.name], tmp_path / "cache")
     assert c["era5"].shape == (12, 2, tile.height, tile.width) and c["srtm"].shape == (2, tile.height, tile.width)
-    assert float(c["srtm"][1, 0, 0]) == 2.0 and float(c["era5"][0, 1, 0, 0]) == 2.0
+    assert float(c["srtm"][1, 0, 0]) == 2.0 and float(c["era5"][0, 1, 0, 0]) == 2.0 and float(c["era5"][11, 1, 5, 5]) == 24.0
+    assert list(c["band_era5"].values) == ["temperature_2m", "total_precipitation"] and list(c["band_srtm"].values) == ["elevation", "slope"]
+    assert str(c["time_era5"].values[0])[:10] == "2019-01-01"
+    from cropmap.pipeline.cube import open_cube, write_cube
+
+    back = open_cube(write_cube(c, tmp_path / "aux.zarr")).load()
+    assert back["era5"].shape == c["era5"].shape and float(back["srtm"][0, 3, 3]) == 1.0
 
     # the same plan on the run directory: every task exists, nothing is left to submit
     after = plan_ingest(site, 2019, out)

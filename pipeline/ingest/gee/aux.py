@@ -7,7 +7,8 @@ cube** (the tile's crs, crsTransform and dimensions: Earth Engine resamples the 
 and 30 m SRTM pixels onto the 10 m grid, nearest neighbour) and added to the tile cube:
 
 * ``era5`` (time_era5, band_era5, y, x) float32: per month of the season, ``temperature_2m`` (K)
-  and ``total_precipitation_sum`` (m), the monthly aggregates of ``ECMWF/ERA5_LAND/MONTHLY_AGGR``;
+  and ``total_precipitation`` (m in the month: the band ``total_precipitation_sum``), the monthly
+  aggregates of ``ECMWF/ERA5_LAND/MONTHLY_AGGR``, named as the Presto encoder's channels;
 * ``srtm`` (band_srtm, y, x) float32: ``elevation`` (m) and ``slope`` (degrees, ``ee.Terrain.slope``)
   of ``USGS/SRTMGL1_003``.
 
@@ -23,6 +24,8 @@ import numpy as np
 
 ERA5_LAND_MONTHLY = "ECMWF/ERA5_LAND/MONTHLY_AGGR"
 ERA5_BANDS = ["temperature_2m", "total_precipitation_sum"]
+ERA5_CUBE_BANDS = ["temperature_2m", "total_precipitation"]
+"""Names of the ERA5 bands in the cube: the channel names the Presto encoder maps (K, and m per month)."""
 SRTM = "USGS/SRTMGL1_003"
 SRTM_BANDS = ["elevation", "slope"]
 AUX_NODATA = -9999.0
@@ -98,4 +101,4 @@ def aux_variables(kind: str, data: np.ndarray, gee, year: int) -> tuple[dict, di
     months = season_months(gee, year)
     values = values.reshape(len(months), len(ERA5_BANDS), *values.shape[1:])
     return ({"era5": (("time_era5", "band_era5", "y", "x"), values)},
-            {"time_era5": np.array([np.datetime64(m, "ns") for m in months]), "band_era5": list(ERA5_BANDS)})
+            {"time_era5": np.array([np.datetime64(m, "ns") for m in months]), "band_era5": list(ERA5_CUBE_BANDS)})
