@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CropmapError, NotReadyError, SiteError
-from ..sites import Site, load_legend
+from cropmap.pipeline.errors import CropmapError, NotReadyError, SiteError
+from cropmap.pipeline.sites import Site, load_legend
 
 PLAN_FORMAT = "cropmap.ingest-plan/1"
 
@@ -107,13 +107,13 @@ def check_year(site: Site, year: str | int | None, today: dt.date | None = None)
         raise NotReadyError(f"the {y} labels of site {site.name!r} are not published yet ({who})",
                             fix=f"plan an earlier year (one of {[v for v in site.years if v < y] or site.years}) or wait")
     if site.source == "gee":
-        from ..availability import season_end
+        from cropmap.pipeline.availability import season_end
 
         end = season_end(site, y)
         if today < end:
             raise NotReadyError(f"the {y} season of site {site.name!r} ends on {end}: its images do not exist yet",
                                 fix="plan an earlier year or wait for the season's end")
-        from .gee.builders import season
+        from cropmap.pipeline.ingest.gee.builders import season
 
         start = season(site.gee, y)[0]
         if start < dt.date(2017, 3, 28):
@@ -190,8 +190,8 @@ class IngestPlan:
 # ---------------------------------------------------------------- collections
 def collections(site: Site, year: int) -> list[dict[str, Any]]:
     """Collections the exports read, with their filters and masks (as :mod:`.gee.builders` builds them)."""
-    from .gee import aux
-    from .gee.builders import CDL_COLLECTION, CLOUD_SCORE_PLUS, S1_COLLECTION, S2_COLLECTION, composite_periods, season
+    from cropmap.pipeline.ingest.gee import aux
+    from cropmap.pipeline.ingest.gee.builders import CDL_COLLECTION, CLOUD_SCORE_PLUS, S1_COLLECTION, S2_COLLECTION, composite_periods, season
 
     g = site.gee
     start, end = season(g, year)
@@ -228,8 +228,8 @@ def collections(site: Site, year: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- per-task figures
 def _kind_bands(site: Site, year: int, kind: str) -> tuple[int, str]:
     """(bands, dtype) of an image export of ``kind``, as :mod:`.gee.builders` / :mod:`.gee.aux` build it."""
-    from .gee import aux
-    from .gee.builders import composite_periods
+    from cropmap.pipeline.ingest.gee import aux
+    from cropmap.pipeline.ingest.gee.builders import composite_periods
 
     n = len(composite_periods(site.gee, year))
     if kind == "s2":
@@ -244,16 +244,16 @@ def _kind_bands(site: Site, year: int, kind: str) -> tuple[int, str]:
 
 
 def _no_data(kind: str) -> float:
-    from .gee.aux import AUX_NODATA
-    from .gee.builders import S1_NODATA
+    from cropmap.pipeline.ingest.gee.aux import AUX_NODATA
+    from cropmap.pipeline.ingest.gee.builders import S1_NODATA
 
     return {"s2": 0, "labels": 0, "s1": S1_NODATA}.get(kind, AUX_NODATA)
 
 
 def task_config(site: Site, job) -> dict[str, Any]:
     """The configuration :func:`.gee.builders.image_export` / ``table_export`` give the job's task."""
-    from .gee.builders import sample_columns
-    from .gee.tiles import task_description
+    from cropmap.pipeline.ingest.gee.builders import sample_columns
+    from cropmap.pipeline.ingest.gee.tiles import task_description
 
     g, t = site.gee, job.tile
     xmin, ymin, xmax, ymax = t.grid.bounds
@@ -292,7 +292,7 @@ def image_checks(site: Site, job, bands: int, dtype: str, task_days: float) -> l
 
 
 def task_description_of(job) -> str:
-    from .gee.tiles import task_description
+    from cropmap.pipeline.ingest.gee.tiles import task_description
 
     return task_description(job.name)
 
@@ -304,7 +304,7 @@ def table_rows_per_tile(site: Site, year: int, legend_classes: int) -> tuple[int
     A local estimate: issue 19 adds the row count of the sampling it builds (``classPoints`` per
     class) to pipeline/ingest/gee/; once merged, this should call it.
     """
-    from .gee.builders import season
+    from cropmap.pipeline.ingest.gee.builders import season
 
     start, end = season(site.gee, year)
     days = (end - start).days
@@ -317,7 +317,7 @@ def table_rows_per_tile(site: Site, year: int, legend_classes: int) -> tuple[int
 
 def _reads_per_pixel(site: Site, year: int, kind: str) -> float:
     """Input pixel-band reads per output pixel of an export of ``kind`` (for the EECU estimate)."""
-    from .gee.builders import season
+    from cropmap.pipeline.ingest.gee.builders import season
 
     start, end = season(site.gee, year)
     days = (end - start).days
@@ -343,7 +343,7 @@ def state_files(out: Path | None, site: str, year: int) -> list[Path]:
 
 
 def _load_states(files: list[Path]) -> tuple[dict[str, dict], list[str]]:
-    from .gee.tasks import STATE_FORMAT
+    from cropmap.pipeline.ingest.gee.tasks import STATE_FORMAT
 
     jobs: dict[str, dict] = {}
     notes = []
@@ -406,7 +406,7 @@ def _no_client(site: Site):
 def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> ZonePlan:
     from shapely.geometry import box
 
-    from .gee.source import GeeSource
+    from cropmap.pipeline.ingest.gee.source import GeeSource
 
     g = site.gee
     src = GeeSource(site, year, client_factory=_no_client)
@@ -434,7 +434,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
         for leaf, state, sj in _leaf_states(job.name, stored):
             tile = job.tile
             if leaf != job.name and sj is not None and sj.get("tile"):
-                from .gee.tiles import ExportTile
+                from cropmap.pipeline.ingest.gee.tiles import ExportTile
 
                 tile = ExportTile(**sj["tile"])
             leaf_job = type(job)(leaf, job.kind, tile)
@@ -471,7 +471,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
         c["eecu_hours"] = round(c["eecu_hours"], 2)
         c["planned_eecu_hours"] = round(c["planned_eecu_hours"], 2)
     if g.cubes == "pixels":
-        from .gee.pixels import plan_windows
+        from cropmap.pipeline.ingest.gee.pixels import plan_windows
 
         bands, dtype = _kind_bands(site, year, "s2")
         reqs = sum(len(plan_windows(t.height, t.width, bands * DTYPE_BYTES[dtype], max_bytes=PIXELS_MAX_BYTES,
@@ -649,7 +649,7 @@ def ingest_command(site_name: str, year: str | None, out: Path, *, plan: bool = 
                    today: dt.date | None = None, gee_client=None, echo=print) -> dict[str, Any] | None:
     """``cropmap ingest``: with ``plan``, print the plan (text or JSON) and return its document;
     without, run the ingest and labels stages of every zone of the site (resumable, as ``cropmap run``)."""
-    from ..sites import load_site
+    from cropmap.pipeline.sites import load_site
 
     site = load_site(site_name)
     y = check_year(site, year, today)
@@ -673,9 +673,9 @@ def run_ingest_stages(site: Site, year: int, out: Path, *, gee_client=None) -> d
     """Run only the ingest and labels stages of ``site``/``year`` into its run directory (versioned, locked)."""
     import sys
 
-    from .. import production
-    from ..runner import Runner
-    from ..workflow import build_stages
+    from cropmap.pipeline import production
+    from cropmap.pipeline.runner import Runner
+    from cropmap.pipeline.workflow import build_stages
 
     stages, _ = build_stages(site, year, gee_client=gee_client)
     stages = [s for s in stages if s.name in ("ingest", "labels")]
@@ -752,7 +752,7 @@ def zones_of_polygon(path: Path, resolution: float = 10) -> list[dict[str, Any]]
 def site_file_from_polygon(path: Path, name: str, *, label_source: str = "cdl", resolution: float = 10) -> str:
     """A site file (YAML text) for the area of a polygon file: UTM zone(s), extent(s), the polygon as
     ``boundary.file`` (so ``cropmap ingest --plan`` computes each tile's share inside it)."""
-    from ..sites import SITE_NAME
+    from cropmap.pipeline.sites import SITE_NAME
 
     if not SITE_NAME.match(name or ""):
         raise SiteError(f"invalid site name {name!r}", fix="use lower-case letters, digits, '-' or '_'")

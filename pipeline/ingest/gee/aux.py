@@ -78,7 +78,7 @@ def srtm_terrain():
 
 def aux_export(kind: str, region, tile, name: str, gee, year: int):
     """The batch export of auxiliary input ``kind`` for ``tile``: the cube's grid, as every cube export."""
-    from .builders import image_export
+    from cropmap.pipeline.ingest.gee.builders import image_export
 
     image = era5_monthly(gee, year) if kind == "era5" else srtm_terrain() if kind == "srtm" else None
     if image is None:
@@ -88,7 +88,7 @@ def aux_export(kind: str, region, tile, name: str, gee, year: int):
 
 def aux_variables(kind: str, data: np.ndarray, gee, year: int) -> tuple[dict, dict]:
     """(data variables, coordinates) to add to a tile cube from the read-back export of ``kind``."""
-    from ...errors import DataError
+    from cropmap.pipeline.errors import DataError
 
     names = band_names(kind, gee, year)
     if data.shape[0] != len(names):
