@@ -69,8 +69,9 @@ def usage_error(exc: BaseException) -> tuple[str, int] | None:
     message = " ".join(str(exc.format_message()).split())
     code = int(getattr(exc, "exit_code", 2) or 2)
     if "UsageError" in names:
-        ctx = getattr(exc, "ctx", None)
-        path = getattr(ctx, "command_path", "") or "cropmap"
-        path = "cropmap" + path[path.index(" "):] if " " in path else "cropmap"
-        return f"{message} (see `{path} --help`)", 2
+        names, ctx = [], getattr(exc, "ctx", None)
+        while ctx is not None and getattr(ctx, "parent", None) is not None:  # the root's name depends on how it was started
+            names.append(str(ctx.info_name))
+            ctx = ctx.parent
+        return f"{message} (see `{' '.join(['cropmap', *reversed(names)])} --help`)", 2
     return message, code
