@@ -198,7 +198,7 @@ def collections(site: Site, year: int) -> list[dict[str, Any]]:
     span = f"{start} .. {end} (exclusive)"
     periods = composite_periods(g, year)
     out = [{"id": S2_COLLECTION, "use": "Sentinel-2 L2A (harmonized: DN/1e4, no offset to remove)", "bands": list(site.bands.s2),
-            "filters": [f"filterBounds(tile)", f"filterDate {span}", f"CLOUDY_PIXEL_PERCENTAGE < {g.max_cloudy_percent:g}"],
+            "filters": ["filterBounds(tile)", f"filterDate {span}", f"CLOUDY_PIXEL_PERCENTAGE < {g.max_cloudy_percent:g}"],
             "mask": f"Cloud Score+ cs_cdf >= {g.cs_cdf_threshold}" + (f" and SCL not in {list(g.exclude_scl)}" if g.exclude_scl else ""),
             "temporal": f"{len(periods)} composites of {g.composite_days} days (median of clear observations + clear count), uint16"},
            {"id": CLOUD_SCORE_PLUS, "use": "cloud mask of Sentinel-2", "bands": ["cs_cdf"],
