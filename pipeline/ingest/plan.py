@@ -297,12 +297,13 @@ def task_description_of(job) -> str:
     return task_description(job.name)
 
 
-def table_rows_per_tile(site: Site, year: int, legend_classes: int) -> tuple[int, dict[str, Any]]:
+def estimate_table_rows(site: Site, year: int, legend_classes: int) -> tuple[int, dict[str, Any]]:
     """Expected sample-table rows of one tile: ``samples_per_class`` points per label class, one row
     per point and clear S2 acquisition plus one per S1 acquisition.
 
-    A local estimate: issue 19 adds the row count of the sampling it builds (``classPoints`` per
-    class) to pipeline/ingest/gee/; once merged, this should call it.
+    A local estimate: the Earth Engine correctness issue (19) adds the row count of the sampling it
+    builds (``classPoints`` per class, a per-tile row budget) to pipeline/ingest/gee/; once that is on
+    main, :func:`plan_zone` should take the rows from it instead of from here.
     """
     from cropmap.pipeline.ingest.gee.builders import season
 
@@ -415,7 +416,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
     stored, notes = _load_states(files)
 
     table = g.samples == "table" and site.label_source == "cdl"
-    rows_tile, rows_info = table_rows_per_tile(site, year, legend_classes) if table else (None, {})
+    rows_tile, rows_info = estimate_table_rows(site, year, legend_classes) if table else (None, {})
     tiles = []
     for t in src.tiles:
         xmin, ymin, xmax, ymax = t.grid.bounds
