@@ -514,10 +514,15 @@ def _measured_rate(stored: dict[str, dict], site: Site, year: int) -> float | No
     return eecu / reads if reads > 0 else None
 
 
+PLACEHOLDER_BUCKETS = ("cropmap-exports", "your-bucket")
+"""Bucket names of the shipped site files that stand for "set your bucket" (the Earth Engine
+correctness issue adds a run-time check with its own list: the plan should use it once merged)."""
+
+
 def _bucket_notes(site: Site) -> list[str]:
     g = site.gee
-    if g.bucket in (None, "cropmap-exports"):
-        return [f"gee.bucket is {g.bucket!r}, the placeholder of the shipped site files: set your own bucket before a real run"]
+    if not g.bucket or g.bucket.lower() in PLACEHOLDER_BUCKETS:
+        return [f"gee.bucket is {g.bucket!r}, a placeholder: set your own bucket before a real run"]
     return []
 
 
@@ -776,7 +781,7 @@ def site_file_from_polygon(path: Path, name: str, *, label_source: str = "cdl", 
     lines += ["boundary:", f"  file: {Path(path).resolve()}", f"  bounds_lonlat: [{w}, {s}, {e}, {n}]",
               f"  source: the polygon file {Path(path).name}", "source: gee", f"label_source: {label_source}",
               f"legend: {'cdl' if label_source == 'cdl' else 'rpg'}", f"years: [{dt.date.today().year - 1}]", "gee:",
-              "  bucket: cropmap-exports    # SET your bucket", "  tile_size_m: 30000", "  season_start_month: 3",
+              "  bucket: your-bucket        # PLACEHOLDER: set your Cloud Storage bucket", "  tile_size_m: 30000", "  season_start_month: 3",
               "  season_months: 9"]
     if label_source == "parcels":
         lines += ["parcels:", "  path: SET-ME.gpkg          # the local parcel file (RPG, EuroCrops)", "  code_column: CODE_GROUP"]
