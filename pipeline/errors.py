@@ -57,3 +57,21 @@ class NotReadyError(CropmapError):
     """
 
     exit_code = 75
+
+
+def usage_error(exc: BaseException) -> tuple[str, int] | None:
+    """``(one line, exit code)`` of a command-line usage error (unknown command or option, missing
+    or bad value), else None. Typer raises its own copy of click's exceptions (``typer._click``),
+    so they are recognised by their class names, not by ``isinstance`` against ``click``."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "ClickException" not in names or not hasattr(exc, "format_message"):
+        return None
+    message = " ".join(str(exc.format_message()).split())
+    code = int(getattr(exc, "exit_code", 2) or 2)
+    if "UsageError" in names:
+        names, ctx = [], getattr(exc, "ctx", None)
+        while ctx is not None and getattr(ctx, "parent", None) is not None:  # the root's name depends on how it was started
+            names.append(str(ctx.info_name))
+            ctx = ctx.parent
+        return f"{message} (see `{' '.join(['cropmap', *reversed(names)])} --help`)", 2
+    return message, code

@@ -333,6 +333,17 @@ class Gee(_Strict):
     ``block_size_m``). ``table`` suits state-wide CDL sites, where every labelled pixel is far too many."""
     max_concurrent_requests: int = Field(default=8, ge=1, le=32)
     """computePixels requests in flight at once (Earth Engine allows 40 per endpoint)."""
+    aux: list[Literal["era5", "srtm"]] = Field(default_factory=list)
+    """Auxiliary inputs exported on the cube's grid for the pre-trained encoder (Presto): ``era5``
+    (monthly ERA5-Land 2 m temperature and total precipitation), ``srtm`` (elevation, slope). Off by
+    default: their benefit is not benchmarked (see pipeline/ingest/gee/aux.py)."""
+
+    @field_validator("aux")
+    @classmethod
+    def _aux(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists an input twice: {v}")
+        return v
 
     @field_validator("bucket")
     @classmethod
@@ -355,12 +366,50 @@ class Gee(_Strict):
     def _dest(self) -> Gee:
         if not self.bucket and not self.export_folder:
             raise ValueError("set `bucket` (Cloud Storage) or `export_folder` (local copy of the exports)")
+        if self.aux and self.cubes == "pixels":
+            raise ValueError("aux inputs are batch exports: use cubes: export with aux, or drop aux")
         return self
 
     def folder(self) -> Path | None:
         if self.export_folder is None:
             return None
         p = Path(os.path.expandvars(self.export_folder)).expanduser()
+        return p if p.is_absolute() else REGIONS_DIR / p
+
+
+class Zone(_Strict):
+    """One UTM zone of a site that spans several: the part of the site exported on this zone's grid."""
+
+    crs: str = Field(pattern=r"^EPSG:32[67]\d\d$")
+    """A WGS 84 / UTM CRS (EPSG:326ZZ north, 327ZZ south)."""
+    extent: tuple[float, float, float, float]
+    """xmin ymin xmax ymax of this zone's part, in this zone's CRS."""
+
+    @property
+    def suffix(self) -> str:
+        code = int(self.crs.split(":")[1])
+        return f"utm{code % 100:02d}{'n' if code < 32700 else 's'}"
+
+
+class Boundary(_Strict):
+    """Where the site's geometry comes from (documentation, and the plan's share of each tile inside it)."""
+
+    collection: str | None = None
+    """Earth Engine FeatureCollection that defines the site (e.g. ``TIGER/2018/States``)."""
+    filter: dict[str, str | int] = Field(default_factory=dict)
+    """Property values selecting the site's feature(s) in ``collection`` (e.g. ``{NAME: Illinois}``)."""
+    file: str | None = None
+    """A polygon file (GeoJSON, GeoPackage, Shapefile; relative to ``regions/`` or absolute): used
+    offline by ``cropmap ingest --plan`` for the share of each tile inside the site."""
+    bounds_lonlat: tuple[float, float, float, float] | None = None
+    """west south east north (degrees) the ``extent`` was derived from."""
+    source: str = ""
+    """Where these facts come from."""
+
+    def resolved_file(self) -> Path | None:
+        if self.file is None:
+            return None
+        p = Path(os.path.expandvars(self.file)).expanduser()
         return p if p.is_absolute() else REGIONS_DIR / p
 
 
@@ -389,6 +438,13 @@ class Site(_Strict):
     patches (STCLN or U-TAE, ``patch:``)."""
     parcel: ParcelTraining = Field(default_factory=ParcelTraining)
     patch: PatchTraining = Field(default_factory=PatchTraining)
+    zones: list[Zone] = Field(default_factory=list)
+    """A site spanning several UTM zones: its parts, one per zone, each exported and mapped on its
+    own zone's grid as the site ``<name>-utmZZn`` (``cropmap run --site <name>-utm15n``), then joined
+    with ``cropmap mosaic``. The top-level ``crs``/``extent`` cover the whole site in one zone."""
+    boundary: Boundary | None = None
+    provenance: str = ""
+    """Where the site's facts (area, state, labels) come from, and what is not confirmed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -437,7 +493,21 @@ class Site(_Strict):
                     raise ValueError(f"tile {t.id} has year {t.year}, not one of years {self.years}")
         if not self.bands.all:
             raise ValueError("bands: at least one band is needed")
+        if self.zones:
+            crss = [z.crs for z in self.zones]
+            if len(self.zones) < 2 or len(set(crss)) != len(crss):
+                raise ValueError(f"zones must list two or more different UTM CRSs, got {crss}")
+            for z in self.zones:
+                if not (z.extent[0] < z.extent[2] and z.extent[1] < z.extent[3]):
+                    raise ValueError(f"zone {z.crs} extent must be [xmin, ymin, xmax, ymax] with min < max")
         return self
+
+    def zone_sites(self) -> list[Site]:
+        """The sites exported and mapped on their own UTM grid: one per zone, or the site itself."""
+        if not self.zones:
+            return [self]
+        return [self.model_copy(update={"name": f"{self.name}-{z.suffix}", "crs": z.crs, "extent": z.extent, "zones": [],
+                                        "title": f"{self.title} ({z.crs} part)".strip()}) for z in self.zones]
 
     @property
     def epsg(self) -> int:
@@ -511,8 +581,20 @@ def list_site_names() -> list[str]:
     return sorted(names)
 
 
+ZONE_SITE = re.compile(r"^(?P<parent>.+)-(?P<suffix>utm\d\d[ns])$")
+
+
 def load_site(name: str) -> Site:
-    """Load and validate the site ``name`` (raises :class:`SiteError`)."""
+    """Load and validate the site ``name`` (raises :class:`SiteError`); ``<site>-utmZZn`` is one
+    zone of a site with ``zones`` (when no site file of that name exists)."""
+    m = ZONE_SITE.match(name or "")
+    if m and not any((d / f"{name}.yaml").is_file() for d in site_dirs()) and m["parent"] in list_site_names():
+        parent = load_site(m["parent"])
+        zone = next((z for z in parent.zone_sites() if z.name == name), None)
+        if zone is None:
+            known = ", ".join(z.name for z in parent.zone_sites())
+            raise SiteError(f"site {m['parent']!r} has no zone {m['suffix']!r}", fix=f"use one of: {known}")
+        return zone
     path = site_path(name)
     data = _read_yaml(path, "site")
     try:

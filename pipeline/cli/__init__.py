@@ -9,13 +9,13 @@ import sys
 
 import typer
 
-from cropmap.pipeline.errors import CropmapError
+from cropmap.pipeline.errors import CropmapError, usage_error
 
 from .app import app
 
 # isort: off
 # importing a command module registers its commands; this order is the order of `cropmap --help`
-from . import run, models, runs, auth  # noqa: E402, F401
+from . import run, ingest, models, runs, auth  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]
@@ -39,12 +39,11 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and bugs
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            print(f"cropmap: error: {exc.format_message()}", file=sys.stderr)
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        usage = usage_error(exc)  # typer raises its own copy of click's exceptions: matched by class name
+        if usage is not None:
+            print(f"cropmap: error: {usage[0]}", file=sys.stderr)
+            sys.exit(usage[1])
+        if type(exc).__name__ == "Abort":
             sys.exit(1)
         if debug:
             raise

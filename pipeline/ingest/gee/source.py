@@ -76,9 +76,31 @@ class GeeSource:
             paths += [self.client.fetch_output(n, cache) for n in names]
         return paths
 
+    # ------------------------------------------------------------ export jobs
+    # The job lists below are what the stages submit AND what `cropmap ingest --plan` lists
+    # (pipeline/ingest/plan.py): one definition, so the plan names exactly the exports a run starts.
+    def cube_kinds(self) -> list[str]:
+        """Kinds of the per-tile cube exports: ``s2``, ``s1`` (when the site has S1 bands) and the
+        optional auxiliary inputs of ``gee.aux`` (``era5``, ``srtm``)."""
+        return ["s2"] + (["s1"] if self.site.bands.s1 else []) + list(self.site.gee.aux)
+
+    def cube_jobs(self) -> list[Job]:
+        return [Job(self.name(k, t.name), k, t) for t in self.tiles for k in self.cube_kinds()]
+
+    def labels_jobs(self) -> list[Job]:
+        """CDL label exports (``label_source: cdl`` only; parcels are rasterised locally)."""
+        return [Job(self.name("labels", t.name), "labels", t) for t in self.tiles] if self.site.label_source == "cdl" else []
+
+    def samples_jobs(self) -> list[Job]:
+        """Sample-table exports (``gee.samples: table`` only)."""
+        return [Job(self.name("samples", t.name), "samples", t) for t in self.tiles] if self.site.gee.samples == "table" else []
+
+    STATE_FILES = {"cubes": "ingest-tasks.json", "labels": "labels-tasks.json", "samples": "samples-tasks.json"}
+    """Task-manager state files under ``RUN/gee/``, per job list."""
+
     # ------------------------------------------------------------ cubes
     def export_cubes(self, run_dir: Path) -> dict[str, dict[str, list[str]]]:
-        """Run the S2 (and S1) composite exports of every tile; tile -> kind -> leaf export names."""
+        """Run the S2 (and S1, and ``gee.aux``) exports of every tile; tile -> kind -> leaf export names."""
         from cropmap.pipeline.ingest.gee import builders as b
 
         periods = b.composite_periods(self.site.gee, self.year)
@@ -86,15 +108,18 @@ class GeeSource:
 
         def make_task(job: Job):
             region = b.tile_geometry(job.tile)
+            if job.kind in ("era5", "srtm"):
+                from cropmap.pipeline.ingest.gee import aux
+
+                return aux.aux_export(job.kind, region, job.tile, job.name, self.site.gee, self.year)
             if job.kind == "s2":
                 return b.image_export(b.s2_composites(region, periods, self.site.gee, bands["s2"]), job.tile, job.name, self.site.gee, no_data=0)
             return b.image_export(b.s1_composites(region, periods, self.site.gee, bands["s1"]), job.tile, job.name, self.site.gee,
                                   no_data=b.S1_NODATA)
 
-        kinds = ["s2"] + (["s1"] if bands["s1"] else [])
-        jobs = [Job(self.name(k, t.name), k, t) for t in self.tiles for k in kinds]
-        mgr = self.manager(Path(run_dir) / "gee" / "ingest-tasks.json", make_task)
-        leaves = mgr.run(jobs)
+        kinds = self.cube_kinds()
+        mgr = self.manager(Path(run_dir) / "gee" / self.STATE_FILES["cubes"], make_task)
+        leaves = mgr.run(self.cube_jobs())
         self.eecu_seconds = mgr.eecu_seconds()
         return {t.name: {k: leaves[self.name(k, t.name)] for k in kinds} for t in self.tiles}
 
@@ -106,8 +131,15 @@ class GeeSource:
         s1_files = self._files(leaves["s1"], cache) if "s1" in leaves else []
         s2 = read_shards(s2_files, tile.grid)
         s1 = read_shards(s1_files, tile.grid) if s1_files else None
-        return composite_cube(s2, s1, composite_periods(self.site.gee, self.year), tile, self.site, self.year,
+        cube = composite_cube(s2, s1, composite_periods(self.site.gee, self.year), tile, self.site, self.year,
                               sources=[*leaves["s2"], *leaves.get("s1", [])])
+        for kind in (k for k in ("era5", "srtm") if k in leaves):  # gee.aux: the encoder's auxiliary inputs
+            from cropmap.pipeline.ingest.gee.aux import aux_variables
+
+            data_vars, coords = aux_variables(kind, read_shards(self._files(leaves[kind], cache), tile.grid), self.site.gee, self.year)
+            cube = cube.assign_coords(coords).assign(data_vars)
+            cube.attrs["sources"] = [*cube.attrs["sources"], *leaves[kind]]
+        return cube
 
     def pixels_cube(self, tile: ExportTile) -> xr.Dataset:
         """The cube of one tile fetched interactively (computePixels, no bucket round trip): the same
@@ -151,10 +183,9 @@ class GeeSource:
 
         has_conf, note = self.check_cdl()
         image = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
-        jobs = [Job(self.name("labels", t.name), "labels", t) for t in self.tiles]
-        mgr = self.manager(Path(run_dir) / "gee" / "labels-tasks.json",
+        mgr = self.manager(Path(run_dir) / "gee" / self.STATE_FILES["labels"],
                            lambda job: b.image_export(image, job.tile, job.name, self.site.gee, no_data=0))
-        leaves = mgr.run(jobs)
+        leaves = mgr.run(self.labels_jobs())
         return {t.name: leaves[self.name("labels", t.name)] for t in self.tiles}, note
 
     # ------------------------------------------------------------ training sample tables
@@ -182,9 +213,8 @@ class GeeSource:
             table = b.sample_table(points, b.s2_acquisitions(region, start, end, self.site.gee, bands2), self.site, s1)
             return b.table_export(table, job.name, self.site.gee, columns)
 
-        jobs = [Job(self.name("samples", t.name), "samples", t) for t in self.tiles]
-        mgr = self.manager(Path(run_dir) / "gee" / "samples-tasks.json", make_task)
-        leaves = mgr.run(jobs)
+        mgr = self.manager(Path(run_dir) / "gee" / self.STATE_FILES["samples"], make_task)
+        leaves = mgr.run(self.samples_jobs())
         self.samples_eecu_seconds = mgr.eecu_seconds()
         return {t.name: leaves[self.name("samples", t.name)] for t in self.tiles}
 
