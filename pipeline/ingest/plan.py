@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from cropmap.pipeline.errors import CropmapError, NotReadyError, SiteError
+from cropmap.pipeline.ingest.gee.bucket import bucket_problem
+from cropmap.pipeline.ingest.gee.sampling import table_rows_per_tile
 from cropmap.pipeline.sites import Site, load_legend
 
 PLAN_FORMAT = "cropmap.ingest-plan/1"
@@ -62,8 +64,6 @@ S2_GRANULE_OVERLAP = 1.3
 """Average number of granules (MGRS tiles x relative orbits) holding a pixel on an acquisition date: assumed."""
 S2_PREFILTER_KEEP = 0.8
 """Share of S2 scenes passing ``CLOUDY_PIXEL_PERCENTAGE < max_cloudy_percent``: assumed."""
-S2_CLEAR_SHARE = 0.5
-"""Share of kept S2 observations that are clear (Cloud Score+): assumed, for table rows."""
 S1_REVISIT_DAYS = 12.0
 """One Sentinel-1 satellite, one orbit pass: every 12 days (Sentinel-1B failed in Dec 2021)."""
 S1_ORBIT_OVERLAP = 1.5
@@ -297,25 +297,6 @@ def task_description_of(job) -> str:
     return task_description(job.name)
 
 
-def estimate_table_rows(site: Site, year: int, legend_classes: int) -> tuple[int, dict[str, Any]]:
-    """Expected sample-table rows of one tile: ``samples_per_class`` points per label class, one row
-    per point and clear S2 acquisition plus one per S1 acquisition.
-
-    A local estimate: the Earth Engine correctness issue (19) adds the row count of the sampling it
-    builds (``classPoints`` per class, a per-tile row budget) to pipeline/ingest/gee/; once that is on
-    main, :func:`plan_zone` should take the rows from it instead of from here.
-    """
-    from cropmap.pipeline.ingest.gee.builders import season
-
-    start, end = season(site.gee, year)
-    days = (end - start).days
-    s2 = days / S2_REVISIT_DAYS * S2_GRANULE_OVERLAP * S2_PREFILTER_KEEP * S2_CLEAR_SHARE
-    s1 = days / S1_REVISIT_DAYS * S1_ORBIT_OVERLAP if site.bands.s1 else 0.0
-    points = site.gee.samples_per_class * legend_classes
-    return int(round(points * (s2 + s1))), {"points": points, "classes": legend_classes, "s2_rows_per_point": round(s2, 1),
-                                            "s1_rows_per_point": round(s1, 1)}
-
-
 def _reads_per_pixel(site: Site, year: int, kind: str) -> float:
     """Input pixel-band reads per output pixel of an export of ``kind`` (for the EECU estimate)."""
     from cropmap.pipeline.ingest.gee.builders import season
@@ -416,13 +397,20 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
     stored, notes = _load_states(files)
 
     table = g.samples == "table" and site.label_source == "cdl"
-    rows_tile, rows_info = estimate_table_rows(site, year, legend_classes) if table else (None, {})
+    trows = table_rows_per_tile(site, year) if table else None  # classPoints per class within gee.table_rows_per_tile
+
+    def rows_of(tile: str) -> int | None:
+        """Most sample-table rows of a tile (a split tile's quarters: the bound of a whole tile)."""
+        if trows is None:
+            return None
+        return trows.per_tile.get(tile, max(trows.per_tile.values(), default=0))
+
     tiles = []
     for t in src.tiles:
         xmin, ymin, xmax, ymax = t.grid.bounds
         cell = box(xmin, ymin, xmax, ymax)
         share = geom.intersection(cell).area / cell.area if cell.area else 0.0
-        tiles.append(TileInfo(t.name, t.width, t.height, t.x0, t.y1, round(share, 4), rows_tile))
+        tiles.append(TileInfo(t.name, t.width, t.height, t.x0, t.y1, round(share, 4), rows_of(t.name)))
     if any(ti.inside_share == 0 for ti in tiles):
         notes.append(f"{sum(ti.inside_share == 0 for ti in tiles)} tile(s) lie outside the site geometry and are still exported "
                      "(tiles cover the extent rectangle)")
@@ -441,7 +429,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
             leaf_job = type(job)(leaf, job.kind, tile)
             px = 0 if job.kind == "samples" else tile.width * tile.height  # tables: rows, not pixels
             if job.kind == "samples":
-                rows = rows_tile or 0
+                rows = rows_of(tile.name) or 0
                 nbytes = rows * len(task_config(site, leaf_job)["selectors"]) * 8
                 eecu = rows * EECU_S_PER_SAMPLE_ROW
                 checks = [_check("description length", len(task_description_of(leaf_job)), MAX_DESCRIPTION,
@@ -467,7 +455,7 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
             if job.kind != "samples":
                 c["bands"], c["dtype"] = _kind_bands(site, year, job.kind)
             else:
-                c["rows"] = c.get("rows", 0) + (rows_tile or 0)
+                c["rows"] = c.get("rows", 0) + (rows_of(tile.name) or 0)
     for c in per.values():
         c["eecu_hours"] = round(c["eecu_hours"], 2)
         c["planned_eecu_hours"] = round(c["planned_eecu_hours"], 2)
@@ -479,22 +467,22 @@ def plan_zone(site: Site, year: int, out: Path | None, legend_classes: int) -> Z
                                     max_side=PIXELS_MAX_SIDE)) for t in src.tiles)
         notes.append(f"gee.cubes: pixels: the cubes travel as {reqs} computePixels requests for S2 (each <= 48 MB and "
                      "<= 32768 px a side) and as many for S1, not as batch exports; only the exports listed are batch tasks")
-    if rows_info:
-        notes.append(f"table rows per tile: {rows_info['points']} points ({g.samples_per_class} per class x {rows_info['classes']} "
-                     f"legend source codes, an upper bound) x ({rows_info['s2_rows_per_point']} clear S2 + "
-                     f"{rows_info['s1_rows_per_point']} S1 acquisitions); local estimate until issue 19's row count lands")
+    if trows is not None:
+        notes += trows.describe()
     if measured:
         notes.append(f"EECU rate measured from this run's finished tasks: {measured:.3g} EECU-s per million pixel-band reads")
-    notes += _bucket_notes(site)
+    problem = bucket_problem(site)
+    if problem:
+        notes.append(problem + ": set gee.bucket before a real run (`cropmap run` stops at once until then)")
     planned = [t for t in tasks if t.state == "planned"]
     eecu_h = sum(c["planned_eecu_hours"] for c in per.values())
     task_h = [t_eecu / EECU_PER_TASK_SECOND / 3600 + TASK_OVERHEAD_MINUTES / 60 for t_eecu in
-              (_task_eecu(site, year, t, rate, rows_tile) for t in planned)]
+              (_task_eecu(site, year, t, rate, rows_of(t.tile)) for t in planned)]
     conc = min(CONCURRENT_TASKS, g.max_pending)
     wall_h = max(sum(task_h) / conc, max(task_h, default=0.0))
     return ZonePlan(site.name, site.crs, list(site.extent), geom_text, g.tile_size_m, int(round(g.tile_size_m / site.resolution)),
                     tiles, tasks, per, round(eecu_h, 2), round(wall_h, 2),
-                    (rows_tile or 0) * len(tiles) if table else None,
+                    trows.total if trows is not None else None,
                     str(Path(out) / site.name / str(year)) if out is not None else "", [str(f) for f in files], notes)
 
 
@@ -512,18 +500,6 @@ def _measured_rate(stored: dict[str, dict], site: Site, year: int) -> float | No
             eecu += j["eecu_seconds"]
             reads += j["tile"]["width"] * j["tile"]["height"] * _reads_per_pixel(site, year, j["kind"]) / 1e6
     return eecu / reads if reads > 0 else None
-
-
-PLACEHOLDER_BUCKETS = ("cropmap-exports", "your-bucket")
-"""Bucket names of the shipped site files that stand for "set your bucket" (the Earth Engine
-correctness issue adds a run-time check with its own list: the plan should use it once merged)."""
-
-
-def _bucket_notes(site: Site) -> list[str]:
-    g = site.gee
-    if not g.bucket or g.bucket.lower() in PLACEHOLDER_BUCKETS:
-        return [f"gee.bucket is {g.bucket!r}, a placeholder: set your own bucket before a real run"]
-    return []
 
 
 def plan_ingest(site: Site, year: int, out: Path | None = None) -> IngestPlan:
@@ -552,7 +528,6 @@ def plan_ingest(site: Site, year: int, out: Path | None = None) -> IngestPlan:
         {"name": "s2_revisit_days", "value": S2_REVISIT_DAYS, "why": "Sentinel-2A + 2B"},
         {"name": "s2_granule_overlap", "value": S2_GRANULE_OVERLAP, "why": "granules holding a pixel per date (assumed)"},
         {"name": "s2_prefilter_keep", "value": S2_PREFILTER_KEEP, "why": "share of scenes under the cloudy-percentage filter (assumed)"},
-        {"name": "s2_clear_share", "value": S2_CLEAR_SHARE, "why": "clear share of kept observations, table rows only (assumed)"},
         {"name": "s1_revisit_days", "value": S1_REVISIT_DAYS, "why": "one Sentinel-1 satellite, one orbit pass"},
         {"name": "s1_orbit_overlap", "value": S1_ORBIT_OVERLAP, "why": "relative orbits of the pass per pixel (assumed)"},
         {"name": "eecu_s_per_million_reads", "value": EECU_S_PER_MPX_READ,
