@@ -26,24 +26,28 @@ import numpy as np
 __all__ = ["fit_boosting", "make_boosting", "proba_for_classes"]
 
 
-def make_boosting(seed: int = 0, n_jobs: int = -1, n_estimators: int = 300, learning_rate: float = 0.05,
-                  num_leaves: int = 15, min_child_samples: int = 5):
+def make_boosting(seed: int = 0, n_jobs: int = 1, n_estimators: int = 200, learning_rate: float = 0.1,
+                  num_leaves: int = 15, min_child_samples: int = 5, max_bin: int = 63):
     """A LightGBM classifier (scikit-learn API) with settings for small labelled sets.
 
     Balanced class weights (as the forest's ``balanced_subsample``), row and feature subsampling
     for variance, small leaves so that classes with a handful of samples can still be split.
+    One thread by default: LightGBM's OpenMP threads spin-wait, and on a shared 2-core machine
+    (load 12) two threads took 245 s where one took 13 s for the same fit (RPG 2023, 43 classes).
+    ``learning_rate`` 0.1 with 200 rounds and 63 bins was chosen over 0.05/300/255 on validation
+    (RPG 2023 points, validation macro F1 0.41 vs 0.38) and is ~15x faster.
     """
     from lightgbm import LGBMClassifier
 
     return LGBMClassifier(
         n_estimators=n_estimators, learning_rate=learning_rate, num_leaves=num_leaves, max_depth=-1,
         min_child_samples=min_child_samples, subsample=0.8, subsample_freq=1, colsample_bytree=0.5,
-        reg_lambda=1.0, class_weight="balanced", random_state=seed, n_jobs=n_jobs, verbose=-1,
+        reg_lambda=1.0, class_weight="balanced", random_state=seed, n_jobs=n_jobs, max_bin=max_bin, verbose=-1,
     )
 
 
 def fit_boosting(X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
-                 seed: int = 0, n_jobs: int = -1, early_stopping_rounds: int = 30, **options):
+                 seed: int = 0, n_jobs: int = 1, early_stopping_rounds: int = 30, **options):
     """Fit :func:`make_boosting`; with validation data, stop when its log-loss has not improved for
     ``early_stopping_rounds`` rounds and keep the best round (``best_iteration_``).
 

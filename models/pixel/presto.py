@@ -245,7 +245,7 @@ def embed_series(model: PrestoClassifier, series: Series, mean: np.ndarray, std:
 
 
 def fit_embed_head(model: PrestoClassifier, train: Series, y_train: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                   val: Series | None = None, y_val: np.ndarray | None = None, seed: int = 0, n_jobs: int = -1,
+                   val: Series | None = None, y_val: np.ndarray | None = None, seed: int = 0, n_jobs: int = 1,
                    boosting_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train the boosting head of a ``head="boosting"`` model on frozen embeddings (in place).
 
