@@ -9,7 +9,11 @@ model-agnostic. Registered names:
 * ``ltae`` - Lightweight Temporal Attention Encoder (:mod:`.ltae`);
 * ``tempcnn`` - TempCNN, temporal convolutions (:mod:`.tempcnn`);
 * ``lstm`` - stacked LSTM (:mod:`.lstm`);
-* ``inceptiontime`` - InceptionTime (:mod:`.inceptiontime`).
+* ``inceptiontime`` - InceptionTime (:mod:`.inceptiontime`);
+* ``presto`` - the pre-trained Presto encoder fine-tuned end to end with a small head
+  (:mod:`.pixel.presto`; published weights, month window and location from the training data);
+* ``presto-embed`` - the frozen Presto encoder's embeddings + a LightGBM head (WorldCereal's
+  recipe; trained by :func:`cropmap.pipeline.train.train_model` without gradient steps).
 
 A builder takes ``bands``, ``n_classes``, ``mean``, ``std`` and the model's hyper-parameters
 as keyword options (an unknown option raises TypeError or ValueError) and returns the module
@@ -31,6 +35,7 @@ from .base import PixelClassifier
 from .inceptiontime import InceptionTime
 from .lstm import LSTMClassifier
 from .ltae import LTAE
+from .pixel.presto import PrestoClassifier
 from .stnet import STNet, STNetConfig
 from .tempcnn import TempCNN
 from .transformer import PixelTransformer
@@ -55,6 +60,11 @@ def _zoo(cls: type[PixelClassifier]) -> tuple[Callable[..., tuple[nn.Module, dic
     return build, cls.from_config
 
 
+def _presto_embed() -> tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]:
+    build, rebuild = _zoo(PrestoClassifier)
+    return (lambda **kw: build(**{**kw, "head": "boosting"})), rebuild
+
+
 _BUILDERS: dict[str, tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]] = {
     "stnet": (_stnet, _stnet_from),
     "transformer": _zoo(PixelTransformer),
@@ -62,6 +72,8 @@ _BUILDERS: dict[str, tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict
     "tempcnn": _zoo(TempCNN),
     "lstm": _zoo(LSTMClassifier),
     "inceptiontime": _zoo(InceptionTime),
+    "presto": _zoo(PrestoClassifier),
+    "presto-embed": _presto_embed(),
 }
 
 
