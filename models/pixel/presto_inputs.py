@@ -184,6 +184,10 @@ class PrestoInputs(nn.Module):
         self.register_buffer("div", torch.tensor(div, dtype=torch.float32), persistent=False)
 
     def forward(self, x: Tensor, present: Tensor, days: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # composites in float32, also under bf16 autocast
+            return self._forward(x.float(), present, days, mask)
+
+    def _forward(self, x: Tensor, present: Tensor, days: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
         m = self.n_months
         step = month_offsets(days).to(x.device) - self.first_month
