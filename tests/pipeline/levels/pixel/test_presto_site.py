@@ -11,7 +11,7 @@ from conftest import cropmap, demo_doc, write_site
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["presto-embed", "presto"])
 def test_site_file_selects_presto(model, tmp_path, sites_dir):
-    write_site(sites_dir, demo_doc("demo-presto", model=model, split_seeds=[0], epochs=2))
+    write_site(sites_dir, demo_doc("demo-presto", model=model, model_options={}, split_seeds=[0], epochs=2))
     proc = cropmap("run", "--site", "demo-presto", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "demo-presto" / "2019"
