@@ -9,6 +9,8 @@ ltae           pixel   Lightweight Temporal Attention Encoder (:mod:`.pixel.ltae
 tempcnn        pixel   TempCNN, temporal convolutions (:mod:`.pixel.tempcnn`)
 lstm           pixel   stacked LSTM (:mod:`.pixel.lstm`)
 inceptiontime  pixel   InceptionTime (:mod:`.pixel.inceptiontime`)
+presto         pixel   pre-trained Presto encoder fine-tuned end to end with a small head (:mod:`.pixel.presto`)
+presto-embed   pixel   frozen Presto embeddings + a LightGBM head, WorldCereal's recipe (:mod:`.pixel.presto`)
 psetae         parcel  PSE-TAE with optical + radar fusion variants (:mod:`.parcel.fusion`)
 stcln          patch   STCLN, windowed spatiotemporal attention, masked pre-training (:mod:`.patch.stcln`)
 utae           patch   U-TAE, the published reference (:mod:`.patch.utae`)
@@ -39,6 +41,7 @@ from .patch.utae import UTAE, UTAEConfig
 from .pixel.inceptiontime import InceptionTime
 from .pixel.lstm import LSTMClassifier
 from .pixel.ltae import LTAE
+from .pixel.presto import PrestoClassifier
 from .pixel.stnet import STNet, STNetConfig
 from .pixel.tempcnn import TempCNN
 from .pixel.transformer import PixelTransformer
@@ -69,6 +72,12 @@ def _zoo(name: str, cls: type[PixelClassifier]) -> ModelSpec:
     return ModelSpec(name, "pixel", build, cls.from_config)
 
 
+def _presto_embed() -> ModelSpec:
+    """``presto`` with the boosting head (trained without gradient steps by the pixel level's train_model)."""
+    spec = _zoo("presto-embed", PrestoClassifier)
+    return ModelSpec(spec.name, "pixel", lambda **kw: spec.build(**{**kw, "head": "boosting"}), spec.rebuild)
+
+
 def _patch(name: str, cls: type, cfg_cls: type) -> ModelSpec:
     def build(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **options: Any) -> tuple[nn.Module, dict]:
         cfg = cfg_cls.from_dict({"n_bands": len(bands), "n_classes": n_classes, "band_names": list(bands), "mean": list(mean),
@@ -85,6 +94,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     _zoo("tempcnn", TempCNN),
     _zoo("lstm", LSTMClassifier),
     _zoo("inceptiontime", InceptionTime),
+    _zoo("presto", PrestoClassifier),
+    _presto_embed(),
     ModelSpec("psetae", "parcel", build_parcel_model, build_parcel_model),
     _patch("stcln", STCLN, STCLNConfig),
     _patch("utae", UTAE, UTAEConfig),

@@ -16,7 +16,8 @@ from .app import _check_device, _console, _data_parallel, _epoch_progress, _setu
 @app.command()
 def train(
     samples: Path = typer.Option(..., "--samples", help="Sample store directory or Parquet long table."),
-    model: str | None = typer.Option(None, "--model", help="Model name (default: stnet, or the --pretrained model)."),
+    model: str | None = typer.Option(None, "--model", help="Model name (default: stnet, or the --pretrained model); presto fine-tunes the "
+                                     "pre-trained Presto encoder, presto-embed fits a boosting head on its frozen embeddings."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
     pretrained: Path | None = typer.Option(None, "--pretrained", help="Initialise from this model or `cropmap pretrain` encoder directory."),
     freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train only the classifier head (with --pretrained: a frozen pre-trained encoder)."),
@@ -107,8 +108,10 @@ def train(
                            extra_meta={"samples": str(samples)}, on_epoch=on_epoch, on_batch=on_batch)
     resumed = f", resumed at epoch {meta['fit']['resumed_from_epoch']}" if meta["fit"].get("resumed_from_epoch") else ""
     resumed += f", {dctx.world_size} data-parallel ranks" if dctx.enabled else ""
+    fitted = (f"boosting head of {meta['fit']['boosting_rounds']} rounds on frozen embeddings" if "boosting_rounds" in meta["fit"]
+              else f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}")
     console.print(f"model written to {out} ({name}, {len(meta['classes'])} classes, {meta['data']['n_train']} training samples, "
-                  f"best epoch {meta['fit']['best_epoch']} of {meta['fit']['epochs_run']}{resumed})")
+                  f"{fitted}{resumed})")
 
 
 def _train_parcels(samples: Path, out: Path, *, fusion: str, sensors: str, alignment: str, s2_date_fraction: float | None,

@@ -33,7 +33,16 @@ from cropmap.pipeline.errors import StageError
 from cropmap.pipeline.fsio import atomic_path, write_json
 from cropmap.pipeline.grid import site_grid, tile_window
 from cropmap.pipeline.levels import RunInputs
-from cropmap.pipeline.levels.common import class_table, encode_labels, held_out, metrics_document, metrics_for, read_baseline, write_forest_baseline
+from cropmap.pipeline.levels.common import (
+    class_table,
+    encode_labels,
+    held_out,
+    metrics_document,
+    metrics_for,
+    read_baseline,
+    write_boosting_baseline,
+    write_forest_baseline,
+)
 from cropmap.pipeline.levels.parcel.parcels import (
     concat_parcels,
     load_parcel_store,
@@ -165,6 +174,8 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
             y = encode_labels(samples, classes)
             write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats[side["train"]], y[side["train"]], feats[side["test"]],
                                   len(classes), "parcel_id", samples.table["parcel_id"].to_numpy()[side["test"]])
+            write_boosting_baseline(base_dir / f"boosting-seed-{seed}.parquet", seed, feats[side["train"]], y[side["train"]], feats[side["test"]],
+                                    len(classes), "parcel_id", samples.table["parcel_id"].to_numpy()[side["test"]], feats[side["val"]], y[side["val"]])
             report[f"seed-{seed}"] = {"n_train": int(len(side["train"])), "n_val": int(len(side["val"])), "n_test": int(len(side["test"])),
                                       "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
                                       "train_only_classes": split.train_only, "n_parameters": meta["n_parameters"]}
@@ -242,9 +253,13 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
             base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "parcel_id", test_samples.table["parcel_id"], len(meta["classes"]),
                                  f"parcels of seed {seed}")
             base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
+            boost = base_dir / f"boosting-seed-{seed}.parquet"
+            boost_m = ({"boosting": metrics_for(test_samples, read_baseline(boost, "parcel_id", test_samples.table["parcel_id"], len(meta["classes"]),
+                                                                          f"parcels of seed {seed}"), meta["classes"], evaluated)}
+                       if boost.is_file() else {})
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
                          "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
-                         "model": model_m, "baseline": base_m})
+                         "model": model_m, "baseline": base_m, **boost_m})
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
         protocol = PROTOCOL.format(test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,

@@ -20,6 +20,7 @@ import logging
 import numpy as np
 import rasterio
 
+from cropmap.models.boosting import fit_boosting
 from cropmap.models.forest import binned_features, make_forest
 from cropmap.models.patch.training import PatchFitConfig
 from cropmap.models.pretrain.masked import MaskedConfig
@@ -135,10 +136,21 @@ def patch_stages(run: RunInputs) -> list[Stage]:
             codes = np.zeros((len(test), *ps.labels.shape[1:]), np.uint8)
             lut = np.array([c["label"] for c in classes], np.uint8)
             pos = {int(p): i for i, p in enumerate(test)}
-            codes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[forest.classes_[forest.predict_proba(binned_features(tseries)).argmax(1)]]
+            tfeats = binned_features(tseries)
+            codes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[forest.classes_[forest.predict_proba(tfeats).argmax(1)]]
             with atomic_path(base_dir / f"forest-seed-{seed}.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, test=test, codes=codes)
+            # gradient boosting on the same training pixels (early stopping on pixels of the validation patches)
+            vseries, vidx, vwhere = pixel_series(ps, np.asarray(split.val, np.int64), y >= 0, RF_PIXELS, seed) if len(split.val) else (None, None, None)
+            boost = fit_boosting(binned_features(series), y[pidx, where[:, 1], where[:, 2]],
+                                 binned_features(vseries) if vseries is not None else None,
+                                 y[vidx, vwhere[:, 1], vwhere[:, 2]] if vseries is not None else None, seed=seed)
+            bcodes = np.zeros_like(codes)
+            bcodes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[boost.classes_[boost.predict_proba(tfeats).argmax(1)]]
+            with atomic_path(base_dir / f"boosting-seed-{seed}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, test=test, codes=bcodes)
             report[f"seed-{seed}"] = {"n_train_patches": len(budget), "n_val_patches": len(split.val), "n_test_patches": len(split.test),
                                       "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
                                       "n_parameters": meta["n_parameters"]}
@@ -171,10 +183,18 @@ def patch_stages(run: RunInputs) -> list[Stage]:
             keep = sub.valid.any(1) & ((sub.labels > 0) if pc.background == "void" else True)
             evaluated = sorted(int(c) for c in np.unique(sub.labels[keep]) if c > 0)
             base_m = segmentation_metrics(sub.labels, base["codes"], keep, names, evaluated)
+            boost_path = base_dir / f"boosting-seed-{seed}.npz"
+            boost_m = {}
+            if boost_path.is_file():
+                boost = np.load(boost_path)
+                if list(boost["test"]) != list(split.test):
+                    raise StageError(f"boosting predictions of seed {seed} do not match its test patches", fix="rerun with --force")
+                boost_m = {"boosting": segmentation_metrics(sub.labels, boost["codes"], keep, names, evaluated)}
             runs.append({"seed": seed, "evaluated_classes": [names[c] for c in evaluated], "train_only_classes": [],
-                         "n_test_patches": len(split.test), "model": model_m, "baseline": base_m})
+                         "n_test_patches": len(split.test), "model": model_m, "baseline": base_m, **boost_m})
         model, base = summary([r["model"] for r in runs]), summary([r["baseline"] for r in runs])
-        for doc, key in ((model, "model"), (base, "baseline")):
+        boosted = summary([r["boosting"] for r in runs]) if all("boosting" in r for r in runs) else None
+        for doc, key in ((model, "model"), (base, "baseline"), *(((boosted, "boosting"),) if boosted is not None else ())):
             vals = [r[key]["miou_with_background"] for r in runs]
             doc["miou_with_background"] = round(float(np.mean(vals)), 4)
             doc["miou_with_background_std"] = round(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, 4)
@@ -188,7 +208,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
                                         pre=" fine-tuned from masked spatiotemporal pre-training" if pretraining else " from scratch",
                                         seeds=tr.split_seeds, rf_pixels=RF_PIXELS, seed0=tr.split_seeds[0], window=pc.window, overlap=pc.overlap)
         head = {"level": "patch", "model": pc.model, "pretraining": pre.method, "background_policy": pc.background}
-        doc = metrics_document(runs, protocol=protocol, head=head, model_summary=model, baseline_summary=base,
+        doc = metrics_document(runs, protocol=protocol, head=head, model_summary=model, baseline_summary=base, boosting_summary=boosted,
                                baseline_model="random_forest (200 trees, depth 25, 30-day median features per pixel)")
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "miou", "miou_with_background")},

@@ -41,6 +41,9 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
         raise ModelError(f"unknown pre-training method {method!r}", fix=f"choose one of: {', '.join(METHODS)}")
     if model_name not in model_names("pixel"):
         raise ModelError(f"unknown model {model_name!r}", fix=f"choose one of: {', '.join(model_names('pixel'))}")
+    if model_name == "presto-embed":
+        raise ModelError("presto-embed keeps the published Presto encoder frozen: there is nothing to pre-train",
+                         fix="use --model presto (self-supervised pre-training from the published weights)")
     cfg = config or MoCoConfig()
     try:
         cfg.device = resolve_device(cfg.device)

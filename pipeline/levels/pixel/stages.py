@@ -28,7 +28,16 @@ from cropmap.pipeline.cube import open_cube
 from cropmap.pipeline.errors import StageError
 from cropmap.pipeline.fsio import write_json
 from cropmap.pipeline.levels import RunInputs
-from cropmap.pipeline.levels.common import class_table, encode_labels, held_out, metrics_document, metrics_for, read_baseline, write_forest_baseline
+from cropmap.pipeline.levels.common import (
+    class_table,
+    encode_labels,
+    held_out,
+    metrics_document,
+    metrics_for,
+    read_baseline,
+    write_boosting_baseline,
+    write_forest_baseline,
+)
 from cropmap.pipeline.levels.pixel import transfer
 from cropmap.pipeline.levels.pixel.evaluate import predict_samples
 from cropmap.pipeline.levels.pixel.predict import predict_site
@@ -170,9 +179,13 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             # the random-forest baseline on exactly the same training pixels and test pixels
             classes = class_table(samples, idx["train"])
             y = encode_labels(samples, classes)
-            write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, binned_features(as_series(samples.subset(idx["train"]))),
-                                  y[idx["train"]], binned_features(as_series(samples.subset(idx["test"]))), len(classes), "sample_id",
-                                  samples.table["sample_id"].to_numpy()[idx["test"]])
+            feats = {k: binned_features(as_series(samples.subset(idx[k]))) for k in ("train", "val", "test")}
+            test_ids = samples.table["sample_id"].to_numpy()[idx["test"]]
+            write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"], len(classes),
+                                  "sample_id", test_ids)
+            # and gradient boosting on the same features (early stopping on the validation pixels)
+            write_boosting_baseline(base_dir / f"boosting-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"],
+                                    len(classes), "sample_id", test_ids, feats["val"], y[idx["val"]])
             report[f"seed-{seed}"] = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
                                       "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
                                       "train_only_classes": split.train_only}
@@ -217,8 +230,12 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
                                  f"pixels of seed {seed}")
             base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
+            boost = base_dir / f"boosting-seed-{seed}.parquet"
+            boost_m = ({"boosting": metrics_for(test_samples, read_baseline(boost, "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
+                                                                          f"pixels of seed {seed}"), meta["classes"], evaluated)}
+                       if boost.is_file() else {})
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
-                         "parcels_per_class": split.parcels_per_class, "model": model_m, "baseline": base_m})
+                         "parcels_per_class": split.parcels_per_class, "model": model_m, "baseline": base_m, **boost_m})
         doc = _metrics_document(runs, tr, legend)
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 import cropmap
 from cropmap.models import ddp
 from cropmap.models.checkpoint import load_model, load_weights, save_model
+from cropmap.models.pixel.presto import EMBED_MAX_OBS, PrestoClassifier, fit_embed_head
+from cropmap.models.pixel.presto import data_options as presto_data_options
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
 from cropmap.models.training import FitConfig, FitResult, fit, resolve_device
@@ -31,6 +34,8 @@ from cropmap.pipeline.levels.common import class_table, encode_labels  # noqa: F
 from cropmap.pipeline.samples import PixelSamples
 
 log = logging.getLogger(__name__)
+
+PRESTO_MODELS = ("presto", "presto-embed")
 
 
 def as_series(samples: PixelSamples) -> Series:
@@ -111,6 +116,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         options = {**{k: v for k, v in pmeta["model_config"].items() if k not in ARCHITECTURE_EXCLUDE}, **options}
     else:
         mean, std = band_statistics(series, train_idx)
+    options = {**data_options_for(model_name, samples, train_idx), **options}  # e.g. Presto's month window and location
     torch.manual_seed(cfg.seed)
     try:
         model, model_config = build_model(model_name, bands=samples.bands, n_classes=len(classes), mean=mean.tolist(),
@@ -122,6 +128,9 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     if cfg.freeze_encoder and not hasattr(model, "decoder"):
         raise ModelError(f"model {model_name!r} has no separate decoder", fix="drop --freeze-encoder")
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
+    if isinstance(model, PrestoClassifier) and model.config.head == "boosting":
+        return _train_embedding_head(model, samples, train_idx, val_idx, y, classes, mean, std, out_dir, model_name=model_name,
+                                     cfg=cfg, pretrained=pretrained, extra_meta=extra_meta, extra_files=extra_files)
     work = work_dir_for(out_dir)
     main = ddp.current().is_main  # under torchrun only rank 0 logs and writes; the others train in step with it
     if not resume and main:
@@ -158,6 +167,52 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     if main:
         write_directory(out_dir, work, lambda tmp: save_model(tmp, model, meta), result.history, extra_files)
     ddp.barrier()  # the model directory exists for every rank once train_model returns
+    return meta
+
+
+def data_options_for(model_name: str, samples: PixelSamples, train_idx: np.ndarray) -> dict:
+    """Builder options a model takes from its training data (Presto: the month window of the
+    training observations and the location of the training samples); none for the others."""
+    if model_name not in PRESTO_MODELS:
+        return {}
+    train = as_series(samples.subset(train_idx))
+    try:
+        return presto_data_options(train.days, samples.table.iloc[train_idx])
+    except ValueError as exc:
+        raise SamplesError(f"cannot locate the samples for Presto: {exc}", fix="give x/y in the CRS of the epsg column (or lon/lat with epsg 4326)") from None
+
+
+def _train_embedding_head(model: PrestoClassifier, samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray, y: np.ndarray,
+                          classes: list[dict], mean: np.ndarray, std: np.ndarray, out_dir: Path, *, model_name: str, cfg: FitConfig,
+                          pretrained: Path | None, extra_meta: dict | None, extra_files: dict[str, object] | None) -> dict:
+    """``presto-embed``: frozen encoder embeddings (computed once, cached) + a boosting head fitted
+    with early stopping on the validation embeddings; the same model directory as :func:`train_model`."""
+    t0 = time.perf_counter()
+    sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
+    has_val = len(val_idx) > 0
+    info = fit_embed_head(model, sub(train_idx), y[train_idx], mean, std, sub(val_idx) if has_val else None,
+                          y[val_idx] if has_val else None, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "model": model_name,
+        "model_config": model.config.to_dict(),
+        "bands": list(samples.bands),
+        "normalisation": {"mean": mean.tolist(), "std": std.tolist(), "units": "reflectance (S2), dB (S1)"},
+        "classes": classes,
+        "max_len": EMBED_MAX_OBS,
+        "time_axis": "days since 1 January of the season year",
+        "fit": {"method": "frozen Presto embeddings + LightGBM head (early stopping on validation)", "seed": cfg.seed,
+                "best_epoch": 0, "epochs_run": 0, "seconds": round(seconds, 2), "resumed_from_epoch": None,
+                "pretrained": str(pretrained) if pretrained else None, **info},
+        "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                 "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
+        "cropmap_version": cropmap.__version__,
+        "torch_version": torch.__version__,
+        **(extra_meta or {}),
+    }
+    if ddp.current().is_main:
+        write_directory(out_dir, work_dir_for(out_dir), lambda tmp: save_model(tmp, model, meta), [], extra_files)
+    ddp.barrier()
     return meta
 
 

@@ -81,6 +81,9 @@ def test_metrics_are_honest_and_compare_to_the_forest(demo_run):
     assert m["n_runs"] == 2 and m["train_only_classes"] == ["sugar beet"]
     assert "sugar beet" not in m["evaluated_classes"] and "maize" in m["evaluated_classes"]
     assert 0 <= m["baseline"]["overall_accuracy"] <= 1 and "overall_accuracy_gain" in m["comparison"]
+    # gradient boosting on the forest's features, reported beside it, with its own paired comparison
+    assert m["boosting"]["model"].startswith("lightgbm") and 0 <= m["boosting"]["overall_accuracy"] <= 1
+    assert "macro_f1_gain" in m["boosting"]["comparison"] and all("boosting" in r for r in m["runs"])
     # parcel-disjoint: no test parcel was seen in training
     for r in m["runs"]:
         split = json.loads((run_dir / "models" / f"seed-{r['seed']}" / "split.json").read_text())

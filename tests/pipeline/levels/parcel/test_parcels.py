@@ -153,8 +153,9 @@ def test_run_level_parcel_writes_a_parcel_map_and_the_pixel_map_format(parcel_ru
     assert validate_cog(run_dir / m["outputs"]["map"]) == [] and validate_cog(run_dir / "map" / "confidence.tif") == []
     metrics = json.loads((run_dir / m["outputs"]["metrics"]).read_text())
     assert metrics["level"] == "parcel" and metrics["n_runs"] == 2
-    for k in ("overall_accuracy", "kappa", "macro_f1", "miou", "baseline", "per_class"):
+    for k in ("overall_accuracy", "kappa", "macro_f1", "miou", "baseline", "boosting", "per_class"):
         assert k in metrics
+    assert 0 <= metrics["boosting"]["overall_accuracy"] <= 1 and "overall_accuracy_gain" in metrics["boosting"]["comparison"]
     test_ids = {int(k) for k, v in json.loads((run_dir / m["outputs"]["model"] / "split.json").read_text())["parcels"].items() if v == "test"}
     assert metrics["runs"][0]["model"]["n_samples"] == len(test_ids)  # one prediction per held-out parcel
 

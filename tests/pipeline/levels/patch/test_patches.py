@@ -243,6 +243,7 @@ def test_run_level_patch_writes_the_contract(tmp_path, sites_dir):
     assert man["status"] == "succeeded" and {"map", "metrics", "model", "report", "encoder"} <= set(man["outputs"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["level"] == "patch" and "miou_with_background" in metrics and metrics["baseline"]["overall_accuracy"] > 0
+    assert metrics["boosting"]["overall_accuracy"] > 0 and "miou_with_background" in metrics["boosting"]
     assert pd.notna(metrics["miou"])
 
 
