@@ -12,8 +12,10 @@ reader thread included: on a loaded shared machine wall time understates what a 
 
 * **matmul**: fp32 2048^3 ``torch.mm`` GFLOP/s, the hardware limit (``benchmarks/speed.py``);
 * **read**: opening the tile cube and decompressing every variable: the I/O limit;
-* **series** (no model): OLD = :func:`cube_series` on each row block of the lazily opened cube (as
-  the predict stage did: each 32-row block re-reads its zarr chunk); NEW = chunk-aligned strips
+* **series** (no model), from cube chunks to the model's padded batches: OLD = :func:`cube_series`
+  on each row block of the lazily opened cube (as the predict stage did: each 32-row block re-reads
+  its zarr chunk), then ``predict_proba``'s batch building (interleaved views per pixel,
+  ``pad_batch`` per view); NEW = chunk-aligned strips
   decompressed once, :func:`~cropmap.pipeline.predict.dense_block` and
   :func:`~cropmap.models.inference.dense_views` per block (the model's padded, length-sorted
   batches). Also **series only** (cube already decoded in memory): the cost of building series itself;
@@ -47,6 +49,7 @@ from speed import matmul_gflops  # noqa: E402
 
 from cropmap.models.checkpoint import save_model  # noqa: E402
 from cropmap.models.registry import build_model, model_names  # noqa: E402
+from cropmap.models.series import Series, interleaved_views, pad_batch  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
 from cropmap.pipeline.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows  # noqa: E402
 from cropmap.pipeline.tensors import cube_bands, cube_series  # noqa: E402
@@ -120,10 +123,18 @@ def main() -> None:
     bands = cube_bands(open_cube(cube_path))
     probe = TilePredictor(site.legend(), model_dir(work, "tempcnn", bands, a.max_len), "cpu")
 
+    def old_batches(values, days, lengths):
+        """The reference path's batch building (predict_proba without the model): views per pixel, pad_batch."""
+        has = lengths > 0
+        series = Series(values[np.repeat(has, lengths)], days[np.repeat(has, lengths)], np.concatenate([[0], np.cumsum(lengths[has])]))
+        picks = [series.offsets[i] + view for i in range(len(series)) for view in interleaved_views(int(series.lengths[i]), a.max_len)]
+        for s0 in range(0, len(picks), 2048):
+            pad_batch(series, picks[s0:s0 + 2048], probe.mean, probe.std)
+
     def series_old():
         c = open_cube(cube_path)
         for r0 in range(0, a.tile_px, rows):
-            cube_series(c, rows=slice(r0, min(a.tile_px, r0 + rows)))
+            old_batches(*cube_series(c, rows=slice(r0, min(a.tile_px, r0 + rows))))
 
     def series_new():
         c = open_cube(cube_path)
@@ -142,7 +153,7 @@ def main() -> None:
 
     def only_old():
         for r0 in range(0, a.tile_px, rows):
-            cube_series(mem, rows=slice(r0, min(a.tile_px, r0 + rows)))
+            old_batches(*cube_series(mem, rows=slice(r0, min(a.tile_px, r0 + rows))))
 
     def only_new():
         for r0 in range(0, a.tile_px, rows):
