@@ -8,7 +8,7 @@ one GPU) and on this CPU (``--device cpu``: small sizes, the same tables), which
 tested (``tests/benchmarks/test_gpu_check.py``). Every figure is measured in this run:
 
 1. **matmul**: TFLOP/s of square ``torch.mm`` in bf16 and fp32 (8192^2 on CUDA, 1024^2 on CPU);
-2. per pixel model (``cropmap.models.registry``): **training** samples/s (forward + backward + Adam on a
+2. per pixel model (``cropmap.models.registry``, level "pixel"): **training** samples/s (forward + backward + Adam on a
    padded batch) and **inference** px/s on the predict path's own batches
    (:func:`cropmap.models.inference.dense_views` of a dense block with ~60 observations per pixel,
    i.e. two interleaved views of ~30 dates at ``max_len`` 48, then
@@ -227,11 +227,9 @@ def peak_mib(device: str) -> float:
 
 
 def patch_check(device: str, sz: dict) -> dict:
-    from cropmap.models.patch_registry import build_patch_model
-
     torch.manual_seed(0)
     b, t, s = sz["patch_batch"], sz["patch_dates"], sz["patch_px"]
-    model, _ = build_patch_model("stcln", bands=BANDS, n_classes=8, mean=[0.0] * 12, std=[1.0] * 12)
+    model, _ = build_model("stcln", bands=BANDS, n_classes=8, mean=[0.0] * 12, std=[1.0] * 12)
     model.to(device)
     x = torch.randn(b, t, 12, s, s, device=device)
     days = (torch.arange(t, dtype=torch.float32, device=device) * 15).repeat(b, 1)
@@ -301,10 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     sz = SIZES[a.size or ("full" if device == "cuda" else "small")]
     if a.threads:
         torch.set_num_threads(a.threads)
-    names = a.models or model_names()
-    unknown = sorted(set(names) - set(model_names()))
+    names = a.models or model_names("pixel")
+    unknown = sorted(set(names) - set(model_names("pixel")))
     if unknown:
-        raise SystemExit(f"error: unknown model(s) {unknown}; choose from {model_names()}")
+        raise SystemExit(f"error: unknown model(s) {unknown}; choose from {model_names('pixel')}")
     t_start = time.perf_counter()
     deadline = t_start + a.budget_s
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

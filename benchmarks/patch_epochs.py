@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cropmap.models.patch_training import PatchFitConfig
-from cropmap.pipeline.patch_train import train_patch_model
-from cropmap.pipeline.patches import budget_patches, load_patch_store, patch_split
+from cropmap.models.patch.training import PatchFitConfig
+from cropmap.pipeline.levels.patch.patches import budget_patches, load_patch_store, patch_split
+from cropmap.pipeline.levels.patch.train import train_patch_model
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Usage:  python benchmarks/throughput.py [--tile-px 128] [--s2-dates 36] [--s1-dates 30] [--threads 1] [--models ...]
                                         [--json benchmarks/results/throughput.json]
 
-On one generated tile of the state-like synthetic site (:mod:`cropmap.regions.synthetic`, the
+On one generated tile of the state-like synthetic site (:mod:`cropmap.pipeline.synthetic`, the
 ingest stage's zarr format; 36 Sentinel-2 and 30 Sentinel-1 dates by default, like a season of
 raw acquisitions) it measures, in one process with ``--threads`` torch threads, every figure for
 the OLD path and the NEW path in the same run (timings alternate old / new, so a change of machine
@@ -16,7 +16,7 @@ reader thread included: on a loaded shared machine wall time understates what a 
   on each row block of the lazily opened cube (as the predict stage did: each 32-row block re-reads
   its zarr chunk), then ``predict_proba``'s batch building (interleaved views per pixel,
   ``pad_batch`` per view); NEW = chunk-aligned strips
-  decompressed once, :func:`~cropmap.pipeline.predict.dense_block` and
+  decompressed once, :func:`~cropmap.pipeline.levels.pixel.predict.dense_block` and
   :func:`~cropmap.models.inference.dense_views` per block (the model's padded, length-sorted
   batches). Also **series only** (cube already decoded in memory): the cost of building series itself;
 * per model, **predict**: OLD = :meth:`TilePredictor.rows_reference` per block (cube_series +
@@ -51,9 +51,9 @@ from cropmap.models.checkpoint import save_model  # noqa: E402
 from cropmap.models.registry import build_model, model_names  # noqa: E402
 from cropmap.models.series import Series, interleaved_views, pad_batch  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
-from cropmap.pipeline.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows  # noqa: E402
-from cropmap.pipeline.tensors import cube_bands, cube_series  # noqa: E402
-from cropmap.regions.synthetic import CLASSES, make_synthetic_site  # noqa: E402
+from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows  # noqa: E402
+from cropmap.pipeline.levels.pixel.tensors import cube_bands, cube_series  # noqa: E402
+from cropmap.pipeline.synthetic import CLASSES, make_synthetic_site  # noqa: E402
 
 
 def timed(fn, min_seconds: float, warm=None) -> tuple[float, float, int]:
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-seconds", type=float, default=3.0)
-    ap.add_argument("--models", nargs="+", default=model_names())
+    ap.add_argument("--models", nargs="+", default=model_names("pixel"))
     ap.add_argument("--merge-px", type=int, default=2048, help="Side of the map the merge is measured on.")
     ap.add_argument("--work", type=Path, default=None, help="Where the generated tile goes (default: a temporary folder).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here (input of iowa_projection.py).")
@@ -215,9 +215,9 @@ def main() -> None:
     # the distributed parent's serial share: part -> MapWriter, then overviews + COG
     from rasterio.windows import Window
 
-    from cropmap.pipeline.distributed import TileJob, TileLedger, predict_tile, run_tiled
-    from cropmap.pipeline.maps import MapWriter
-    from cropmap.pipeline.predict import map_classes, site_grid
+    from cropmap.pipeline.levels.pixel.distributed import TileJob, TileLedger, predict_tile, run_tiled
+    from cropmap.pipeline.levels.pixel.predict import map_classes, site_grid
+    from cropmap.pipeline.stages.maps import MapWriter
 
     ledger = TileLedger(work / "parts", ".tif")
     name = "tempcnn" if "tempcnn" in a.models else a.models[0]

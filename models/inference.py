@@ -16,7 +16,7 @@ not observed), so building a batch costs a few passes over memory:
   current one (numpy, zarr decompression and torch release the GIL), with a bounded queue.
 
 The maps equal the reference path's to float tolerance (``tests/models/test_inference.py``,
-``tests/pipeline/test_predict_fast.py``): same views, same normalisation, masked models.
+``tests/pipeline/levels/pixel/test_predict_fast.py``): same views, same normalisation, masked models.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Views:
 
 def _with_pad_row(dense: np.ndarray) -> np.ndarray:
     """``dense`` as (P U + 1, C) rows whose last row is all NaN: free when ``dense`` was allocated with
-    that spare row (:func:`cropmap.pipeline.predict.dense_block` does), a copy otherwise."""
+    that spare row (:func:`cropmap.pipeline.levels.pixel.predict.dense_block` does), a copy otherwise."""
     p, u, c = dense.shape
     base = dense.base
     while base is not None and base.base is not None:
