@@ -11,7 +11,8 @@ load hits both), as wall-clock pixels/s and as pixels per CPU-second (the proces
 reader thread included: on a loaded shared machine wall time understates what a core does):
 
 * **matmul**: fp32 2048^3 ``torch.mm`` GFLOP/s, the hardware limit (``benchmarks/speed.py``);
-* **read**: opening the tile cube and decompressing every variable: the I/O limit;
+* **read**: opening the tile cube and decompressing every variable: the I/O limit (OLD through
+  xarray + dask, NEW with zarr directly, as the new reader does);
 * **series** (no model), from cube chunks to the model's padded batches: OLD = :func:`cube_series`
   on each row block of the lazily opened cube (as the predict stage did: each 32-row block re-reads
   its zarr chunk), then ``predict_proba``'s batch building (interleaved views per pixel,
@@ -51,7 +52,7 @@ from cropmap.models.checkpoint import save_model  # noqa: E402
 from cropmap.models.registry import build_model, model_names  # noqa: E402
 from cropmap.models.series import Series, interleaved_views, pad_batch  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
-from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows  # noqa: E402
+from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows, strip_reader  # noqa: E402
 from cropmap.pipeline.levels.pixel.tensors import cube_bands, cube_series  # noqa: E402
 from cropmap.pipeline.synthetic import CLASSES, make_synthetic_site  # noqa: E402
 
@@ -120,6 +121,9 @@ def main() -> None:
         for v in ("s2", "s2_clear", "s1"):
             c[v].values  # noqa: B018 - decompress
 
+    def read_zarr():
+        strip_reader(open_cube(cube_path))(0, a.tile_px)
+
     bands = cube_bands(open_cube(cube_path))
     probe = TilePredictor(site.legend(), model_dir(work, "tempcnn", bands, a.max_len), "cpu")
 
@@ -139,10 +143,9 @@ def main() -> None:
     def series_new():
         c = open_cube(cube_path)
         d2, d1 = probe._days(c)
-        strip = _strip_rows(c, rows)
+        strip, read = _strip_rows(c, rows), strip_reader(c)
         for s0 in range(0, a.tile_px, strip):
-            win = c.isel(y=slice(s0, min(a.tile_px, s0 + strip)))
-            dn, clear, s1 = win["s2"].values, win["s2_clear"].values, win["s1"].values
+            dn, clear, s1 = read(s0, min(a.tile_px, s0 + strip))
             for r0 in range(0, dn.shape[2], rows):
                 sl = slice(r0, r0 + rows)
                 probe.prepare(dn[:, :, sl], clear[:, sl], s1[:, :, sl], d2, d1)
@@ -161,13 +164,14 @@ def main() -> None:
             probe.prepare(arrays[0][:, :, sl], arrays[1][:, sl], arrays[2][:, :, sl], d2m, d1m)
 
     t_read, c_read, _ = timed(read_all, a.min_seconds)
+    t_zread, c_zread, _ = timed(read_zarr, a.min_seconds)
     ser = paired(series_old, series_new, a.min_seconds)
     only = paired(only_old, only_new, a.min_seconds)
     _, _, lengths = cube_series(mem, rows=slice(0, rows))
     figures = {"threads": a.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "matmul_gflops": peak,
                "tile_px": a.tile_px, "s2_dates": a.s2_dates, "s1_dates": a.s1_dates, "max_len": a.max_len,
                "mean_observations_per_pixel": float(lengths.mean()), "load_before": os.getloadavg(),
-               "read_px_s": px / t_read, "read_px_cpu_s": px / c_read,
+               "read_px_s": px / t_read, "read_px_cpu_s": px / c_read, "read_zarr_px_s": px / t_zread, "read_zarr_px_cpu_s": px / c_zread,
                "old_read_series_px_s": px / ser["old_wall"], "read_series_px_s": px / ser["new_wall"],
                "old_read_series_px_cpu_s": px / ser["old_cpu"], "read_series_px_cpu_s": px / ser["new_cpu"],
                "old_series_only_px_s": px / only["old_wall"], "series_only_px_s": px / only["new_wall"],
@@ -178,7 +182,7 @@ def main() -> None:
 
     print(f"load average before: {os.getloadavg()[0]:.1f}\n")
     print("| stage | OLD px/s | NEW px/s | NEW/OLD | OLD px/CPU-s | NEW px/CPU-s | NEW/OLD (CPU) | note |\n|---|---|---|---|---|---|---|---|")
-    print(f"| read cube (decompress all variables) | {px / t_read:,.0f} | | | {px / c_read:,.0f} | | | I/O limit |")
+    line("read cube (decompress all variables; OLD xarray + dask, NEW zarr)", px / t_read, px / t_zread, px / c_read, px / c_zread, "I/O limit")
     line("read + series (to padded model batches)", px / ser["old_wall"], px / ser["new_wall"], px / ser["old_cpu"], px / ser["new_cpu"],
          f"the most any model can map; mean {lengths.mean():.1f} observations per pixel")
     line("series only (cube decoded in memory)", px / only["old_wall"], px / only["new_wall"], px / only["old_cpu"], px / only["new_cpu"],

@@ -87,3 +87,17 @@ def test_reader_strips_are_whole_chunks_within_the_budget(demo):
     h = int(cube.sizes["y"])
     assert _strip_rows(cube, 32) == h  # no zarr chunks (in memory): the whole small tile
     assert _strip_rows(cube, 8, budget=1) == 8  # over budget: one block at a time
+
+
+def test_zarr_strip_reader_reads_what_xarray_reads(tmp_path):
+    from cropmap.pipeline.cube import open_cube
+    from cropmap.pipeline.levels.pixel.predict import strip_reader
+    from cropmap.pipeline.synthetic import make_synthetic_site
+
+    site = make_synthetic_site(tmp_path / "s", tiles_x=1, tiles_y=1, tile_px=24, s2_dates=5, s1_dates=4)
+    cube = open_cube(site.cube(site.tiles[0]))
+    read = strip_reader(cube)
+    assert read.__name__ == "read_zarr"
+    for got, v in zip(read(5, 17), ("s2", "s2_clear", "s1")):
+        np.testing.assert_array_equal(got, cube[v].isel(y=slice(5, 17)).values)
+    assert strip_reader(cube.load().copy()).__name__ in ("read_zarr", "read_xarray")
