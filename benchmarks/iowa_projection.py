@@ -17,6 +17,9 @@ budget, ingestion runs in Earth Engine):
     predict path does on CUDA), fed by ``--gpu-host-cores`` CPU cores building series at the measured
     read + series rate per core; the parent merge stays serial on one core.
     wall = pixels x max(FLOP/px / gpu rate, 1 / (cores x series rate), 1 / merge)
+    With ``--gpu-json`` (the output of ``benchmarks/gpu_check.py --device cuda --json ...``) the
+    GPU rate is the *measured* inference px/s of each model (best of fp32 / AMP / compiled) and
+    the host series rate the measured per-core rate of the vectorised path on that machine.
 (c) a dask cluster of N single-core workers (``--scheduler``), each at the measured per-core rate;
     the parent merge is serial and overlaps with the workers.
     wall = pixels x max(1 / (N x model), 1 / merge)
@@ -51,8 +54,12 @@ def main() -> None:
     ap.add_argument("--gpu-host-cores", type=int, default=16, help="(b) CPU cores of the GPU machine building series.")
     ap.add_argument("--gpu-hour-usd", type=float, default=4.0, help="(b) price of a 1-GPU H100 VM per hour.")
     ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256], help="(c) single-core dask workers.")
+    ap.add_argument("--gpu-json", type=Path, default=None, help="(b) measured GPU figures (benchmarks/gpu_check.py --json) instead of --gpu-tflops.")
     a = ap.parse_args()
     f = json.loads(a.json.read_text())
+    gpu = json.loads(a.gpu_json.read_text()) if a.gpu_json else None
+    if gpu is not None and gpu.get("device") != "cuda":
+        raise SystemExit(f"error: {a.gpu_json} was measured on {gpu.get('device')!r}, not a GPU; rerun gpu_check.py --device cuda")
     cores = a.cores or f["cpu_count"]
     px = a.pixels
     merge = f["merge_px_s"]
@@ -60,7 +67,11 @@ def main() -> None:
     print(f"measured ({a.json.name}): {f['threads']} torch thread per process, tile {f['tile_px']} px, {f['s2_dates']} S2 + {f['s1_dates']} S1 dates "
           f"({f['mean_observations_per_pixel']:.1f} observations per pixel), matmul {f['matmul_gflops']:.0f} GFLOP/s per core")
     print(f"  read + series {series:,.0f} px/s per core; parent merge {merge:,.0f} px/s (serial)")
-    print(f"assumed: {px:.2e} pixels; {cores} cores here; ${a.core_hour_usd}/vCPU-h; GPU {a.gpu_tflops:.0f} TFLOP/s sustained, "
+    if gpu is not None:
+        print(f"GPU measured ({a.gpu_json.name}): {gpu['device_name']}, bf16 matmul {gpu['matmul_tflops']['bf16']:.0f} TFLOP/s, "
+              f"host series {gpu['host_series_px_s_per_core']:,.0f} px/s per core")
+    print(f"assumed: {px:.2e} pixels; {cores} cores here; ${a.core_hour_usd}/vCPU-h; GPU "
+          f"{'measured per model' if gpu else f'{a.gpu_tflops:.0f} TFLOP/s sustained'}, "
           f"{a.gpu_host_cores} host cores, ${a.gpu_hour_usd}/h; workers {a.workers}\n")
     head = ["model", "px/s per core", f"(a) this CPU, {cores} cores", "(b) 1 GPU: wall, cost, limit"]
     head += [f"(c) {n} workers: wall, cost" for n in a.workers]
@@ -72,6 +83,10 @@ def main() -> None:
         cost_a = wall_a / 3600 * cores * a.core_hour_usd
         limits = {"GPU": m["mflop_per_px"] * 1e6 / (a.gpu_tflops * 1e12) if m["mflop_per_px"] > 0 else float("nan"),
                   "host series": 1 / (a.gpu_host_cores * series), "parent merge": 1 / merge}
+        if gpu is not None:
+            g = next((r for r in gpu["models"] if r["model"] == name), None)
+            limits["GPU"] = 1 / max(v for k, v in g.items() if k.startswith("infer_pps")) if g else float("nan")
+            limits["host series"] = 1 / (a.gpu_host_cores * gpu["host_series_px_s_per_core"])
         lim = max((k for k in limits if limits[k] == limits[k]), key=lambda k: limits[k])
         wall_b = px * limits[lim]
         cost_b = wall_b / 3600 * a.gpu_hour_usd

@@ -1,25 +1,34 @@
-"""Prediction throughput (pixels/s) of every pixel model vs. the hardware limit and vs. the cost of reading the cube.
+"""Prediction throughput (pixels/s): the reference (old) and vectorised (new) series + inference paths, side by side.
 
 Usage:  python benchmarks/throughput.py [--tile-px 128] [--s2-dates 36] [--s1-dates 30] [--threads 1] [--models ...]
                                         [--json benchmarks/results/throughput.json]
 
 On one generated tile of the state-like synthetic site (:mod:`cropmap.pipeline.synthetic`, the
 ingest stage's zarr format; 36 Sentinel-2 and 30 Sentinel-1 dates by default, like a season of
-raw acquisitions) it measures, in one process with ``--threads`` torch threads:
+raw acquisitions) it measures, in one process with ``--threads`` torch threads, every figure for
+the OLD path and the NEW path in the same run (timings alternate old / new, so a change of machine
+load hits both), as wall-clock pixels/s and as pixels per CPU-second (the process's CPU time,
+reader thread included: on a loaded shared machine wall time understates what a core does):
 
 * **matmul**: fp32 2048^3 ``torch.mm`` GFLOP/s, the hardware limit (``benchmarks/speed.py``);
-* **read**: opening the tile cube and decompressing every variable (pixels/s): the I/O limit;
-* **read + series**: reading plus :func:`cube_series` in the predict stage's row blocks (merging
-  optical and radar dates, dropping cloudy ones): the most any model can map on this machine;
-* per model, **predict**: the predict stage's own per-block code
-  (:class:`cropmap.pipeline.levels.pixel.predict.TilePredictor`, untrained weights: the cost does not depend on
-  them) in pixels/s; its FLOPs per pixel (``torch.utils.flop_counter``, interleaved views
-  included) give GFLOP/s and the fraction of the matmul limit; pixels/s over "read + series" is
-  the fraction of the I/O limit;
+* **read**: opening the tile cube and decompressing every variable: the I/O limit (OLD through
+  xarray + dask, NEW with zarr directly, as the new reader does);
+* **series** (no model), from cube chunks to the model's padded batches: OLD = :func:`cube_series`
+  on each row block of the lazily opened cube (as the predict stage did: each 32-row block re-reads
+  its zarr chunk), then ``predict_proba``'s batch building (interleaved views per pixel,
+  ``pad_batch`` per view); NEW = chunk-aligned strips
+  decompressed once, :func:`~cropmap.pipeline.levels.pixel.predict.dense_block` and
+  :func:`~cropmap.models.inference.dense_views` per block (the model's padded, length-sorted
+  batches). Also **series only** (cube already decoded in memory): the cost of building series itself;
+* per model, **predict**: OLD = :meth:`TilePredictor.rows_reference` per block (cube_series +
+  ``predict_proba``: a Python loop per pixel and per view, fused attention kernel), NEW =
+  :meth:`TilePredictor.blocks` (prefetching reader thread, bucketed batches, ``inference_mode``,
+  plain attention ops on CPU); untrained weights (the cost does not depend on them); FLOPs per
+  pixel (``torch.utils.flop_counter`` on the new path) give GFLOP/s and the fraction of the matmul limit;
 * **merge**: the distributed parent's serial part per pixel, copying a tile part (2-band float32
   GeoTIFF) into the site :class:`MapWriter`, plus the overviews + COG conversion at the end.
 
-The figures feed ``benchmarks/iowa_projection.py`` through ``--json``.
+The figures feed ``benchmarks/iowa_projection.py`` through ``--json`` (the NEW path's figures).
 """
 
 from __future__ import annotations
@@ -41,20 +50,43 @@ from speed import matmul_gflops  # noqa: E402
 
 from cropmap.models.checkpoint import save_model  # noqa: E402
 from cropmap.models.registry import build_model, model_names  # noqa: E402
+from cropmap.models.series import Series, interleaved_views, pad_batch  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
-from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor  # noqa: E402
+from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows, strip_reader  # noqa: E402
 from cropmap.pipeline.levels.pixel.tensors import cube_bands, cube_series  # noqa: E402
 from cropmap.pipeline.synthetic import CLASSES, make_synthetic_site  # noqa: E402
 
 
-def timed(fn, min_seconds: float) -> tuple[float, int]:
-    """Seconds per call of ``fn`` (repeated until ``min_seconds``), and the number of calls."""
-    fn()  # warm-up (imports, allocator, caches)
-    t, n = time.perf_counter(), 0
+def timed(fn, min_seconds: float, warm=None) -> tuple[float, float, int]:
+    """Wall and CPU seconds per call of ``fn`` (repeated until ``min_seconds``), and the number of calls."""
+    (warm or fn)()  # warm-up (imports, allocator, caches)
+    t, c, n = time.perf_counter(), time.process_time(), 0
     while n < 1 or time.perf_counter() - t < min_seconds:
         fn()
         n += 1
-    return (time.perf_counter() - t) / n, n
+    return (time.perf_counter() - t) / n, (time.process_time() - c) / n, n
+
+
+def matmul_gflops_cpu(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 ``torch.mm`` GFLOP per CPU-second of this process (the limit the per-CPU-second model rates are compared with)."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    c = time.process_time()
+    for _ in range(repeats):
+        x @ y
+    return 2 * n**3 * repeats / (time.process_time() - c) / 1e9
+
+
+def paired(old, new, min_seconds: float, rounds: int = 2, warm_old=None, warm_new=None) -> dict[str, float]:
+    """Old and new timed in alternation (``rounds`` times each, best round kept): wall and CPU seconds per call."""
+    (warm_old or old)()
+    (warm_new or new)()
+    best = {"old_wall": float("inf"), "old_cpu": float("inf"), "new_wall": float("inf"), "new_cpu": float("inf")}
+    for _ in range(rounds):
+        for key, fn in (("old", old), ("new", new)):
+            w, c, _ = timed(fn, min_seconds / rounds, warm=lambda: None)
+            best[f"{key}_wall"], best[f"{key}_cpu"] = min(best[f"{key}_wall"], w), min(best[f"{key}_cpu"], c)
+    return best
 
 
 def model_dir(root: Path, name: str, bands: list[str], max_len: int) -> Path:
@@ -88,9 +120,10 @@ def main() -> None:
     cube_path = site.cube(site.tiles[0])
     px = a.tile_px**2
     rows = ROWS_PER_BLOCK
-    peak = matmul_gflops("cpu")
+    peak_wall = matmul_gflops("cpu")
+    peak = matmul_gflops_cpu()  # per CPU-second, like the models' figures below: load-independent
     print(f"CPU, {a.threads} torch thread(s) (os.cpu_count() = {os.cpu_count()}); torch {torch.__version__}; "
-          f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s")
+          f"fp32 matmul 2048^3: {peak_wall:.1f} GFLOP/s wall, {peak:.1f} GFLOP per CPU-s")
     print(f"tile: {a.tile_px} x {a.tile_px} px, {a.s2_dates} S2 dates x 10 bands + {a.s1_dates} S1 dates x 2 bands "
           f"(synthetic, zarr as ingested); row blocks of {rows}; model max_len {a.max_len}\n")
 
@@ -99,46 +132,100 @@ def main() -> None:
         for v in ("s2", "s2_clear", "s1"):
             c[v].values  # noqa: B018 - decompress
 
-    def read_series():
+    def read_zarr():
+        strip_reader(open_cube(cube_path))(0, a.tile_px)
+
+    bands = cube_bands(open_cube(cube_path))
+    probe = TilePredictor(site.legend(), model_dir(work, "tempcnn", bands, a.max_len), "cpu")
+
+    def old_batches(values, days, lengths):
+        """The reference path's batch building (predict_proba without the model): views per pixel, pad_batch."""
+        has = lengths > 0
+        series = Series(values[np.repeat(has, lengths)], days[np.repeat(has, lengths)], np.concatenate([[0], np.cumsum(lengths[has])]))
+        picks = [series.offsets[i] + view for i in range(len(series)) for view in interleaved_views(int(series.lengths[i]), a.max_len)]
+        for s0 in range(0, len(picks), 2048):
+            pad_batch(series, picks[s0:s0 + 2048], probe.mean, probe.std)
+
+    def series_old():
         c = open_cube(cube_path)
         for r0 in range(0, a.tile_px, rows):
-            cube_series(c, rows=slice(r0, min(a.tile_px, r0 + rows)))
+            old_batches(*cube_series(c, rows=slice(r0, min(a.tile_px, r0 + rows))))
 
-    t_read, _ = timed(read_all, a.min_seconds)
-    t_series, _ = timed(read_series, a.min_seconds)
-    c = open_cube(cube_path)
-    _, _, lengths = cube_series(c, rows=slice(0, rows))
-    figures = {"threads": a.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "matmul_gflops": peak,
+    def series_new():
+        c = open_cube(cube_path)
+        d2, d1 = probe._days(c)
+        strip, read = _strip_rows(c, rows), strip_reader(c)
+        for s0 in range(0, a.tile_px, strip):
+            dn, clear, s1 = read(s0, min(a.tile_px, s0 + strip))
+            for r0 in range(0, dn.shape[2], rows):
+                sl = slice(r0, r0 + rows)
+                probe.prepare(dn[:, :, sl], clear[:, sl], s1[:, :, sl], d2, d1)
+
+    mem = open_cube(cube_path).load()  # decoded: the series-building cost alone
+    arrays = (mem["s2"].values, mem["s2_clear"].values, mem["s1"].values)
+    d2m, d1m = probe._days(mem)
+
+    def only_old():
+        for r0 in range(0, a.tile_px, rows):
+            old_batches(*cube_series(mem, rows=slice(r0, min(a.tile_px, r0 + rows))))
+
+    def only_new():
+        for r0 in range(0, a.tile_px, rows):
+            sl = slice(r0, r0 + rows)
+            probe.prepare(arrays[0][:, :, sl], arrays[1][:, sl], arrays[2][:, :, sl], d2m, d1m)
+
+    t_read, c_read, _ = timed(read_all, a.min_seconds)
+    t_zread, c_zread, _ = timed(read_zarr, a.min_seconds)
+    ser = paired(series_old, series_new, a.min_seconds)
+    only = paired(only_old, only_new, a.min_seconds)
+    _, _, lengths = cube_series(mem, rows=slice(0, rows))
+    figures = {"threads": a.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "matmul_gflops": peak, "matmul_gflops_wall": peak_wall,
                "tile_px": a.tile_px, "s2_dates": a.s2_dates, "s1_dates": a.s1_dates, "max_len": a.max_len,
-               "mean_observations_per_pixel": float(lengths.mean()),
-               "read_px_s": px / t_read, "read_series_px_s": px / t_series, "models": {}}
-    print("| stage | pixels/s | note |\n|---|---|---|")
-    print(f"| read cube (decompress all variables) | {px / t_read:,.0f} | I/O limit |")
-    print(f"| read + per-pixel series | {px / t_series:,.0f} | the most any model can map (mean {lengths.mean():.1f} observations per pixel) |")
+               "mean_observations_per_pixel": float(lengths.mean()), "load_before": os.getloadavg(),
+               "read_px_s": px / t_read, "read_px_cpu_s": px / c_read, "read_zarr_px_s": px / t_zread, "read_zarr_px_cpu_s": px / c_zread,
+               "old_read_series_px_s": px / ser["old_wall"], "read_series_px_s": px / ser["new_wall"],
+               "old_read_series_px_cpu_s": px / ser["old_cpu"], "read_series_px_cpu_s": px / ser["new_cpu"],
+               "old_series_only_px_s": px / only["old_wall"], "series_only_px_s": px / only["new_wall"],
+               "old_series_only_px_cpu_s": px / only["old_cpu"], "series_only_px_cpu_s": px / only["new_cpu"], "models": {}}
 
-    bands = cube_bands(c)
-    print("\n| model | predict pixels/s | forward MFLOP/pixel | GFLOP/s (% of matmul) | % of read + series |\n|---|---|---|---|---|")
+    def line(what: str, old: float, new: float, old_c: float, new_c: float, note: str = "") -> None:
+        print(f"| {what} | {old:,.0f} | {new:,.0f} | **{new / old:.1f}x** | {old_c:,.0f} | {new_c:,.0f} | **{new_c / old_c:.1f}x** | {note} |", flush=True)
+
+    print(f"load average before: {os.getloadavg()[0]:.1f}\n")
+    print("| stage | OLD px/s | NEW px/s | NEW/OLD | OLD px/CPU-s | NEW px/CPU-s | NEW/OLD (CPU) | note |\n|---|---|---|---|---|---|---|---|")
+    line("read cube (decompress all variables; OLD xarray + dask, NEW zarr)", px / t_read, px / t_zread, px / c_read, px / c_zread, "I/O limit")
+    line("read + series (to padded model batches)", px / ser["old_wall"], px / ser["new_wall"], px / ser["old_cpu"], px / ser["new_cpu"],
+         f"the most any model can map; mean {lengths.mean():.1f} observations per pixel")
+    line("series only (cube decoded in memory)", px / only["old_wall"], px / only["new_wall"], px / only["old_cpu"], px / only["new_cpu"],
+         "series-building cost alone")
+
+    print("\n| model | OLD predict px/s | NEW predict px/s | NEW/OLD | OLD px/CPU-s | NEW px/CPU-s | NEW/OLD (CPU) | MFLOP/px | NEW GFLOP/s per CPU-s (% of matmul) | NEW % of read + series |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
         predictor = TilePredictor(site.legend(), model_dir(work, name, bands, a.max_len), "cpu")
 
-        def predict(predictor=predictor):
+        def old(predictor=predictor):
             cube = open_cube(cube_path)
             for r0 in range(0, a.tile_px, rows):
-                predictor.rows(cube, r0, min(a.tile_px, r0 + rows))
+                predictor.rows_reference(cube, r0, min(a.tile_px, r0 + rows))
 
-        # the eval-mode fast path of nn.MultiheadAttention is one fused op the counter does not see: off while counting
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        with FlopCounterMode(display=False) as fc:
+        def new(predictor=predictor):
+            for _ in predictor.blocks(open_cube(cube_path), rows):
+                pass
+
+        warm_old = lambda predictor=predictor: predictor.rows_reference(open_cube(cube_path), 0, rows)  # noqa: E731
+        warm_new = lambda predictor=predictor: predictor.rows(open_cube(cube_path), 0, rows)  # noqa: E731
+        with FlopCounterMode(display=False) as fc:  # the new path runs without the fused attention kernel the counter cannot see
             predictor.rows(open_cube(cube_path), 0, rows)
-        torch.backends.mha.set_fastpath_enabled(fast)
         mflop_px = fc.get_total_flops() / (rows * a.tile_px) / 1e6
-        t_pred, _ = timed(predict, a.min_seconds)
-        pps = px / t_pred
-        gf = mflop_px * 1e6 * pps / 1e9
-        figures["models"][name] = {"predict_px_s": pps, "mflop_per_px": mflop_px, "gflops": gf}
+        t = paired(old, new, a.min_seconds, rounds=1, warm_old=warm_old, warm_new=warm_new)
+        o, n_, oc, nc = px / t["old_wall"], px / t["new_wall"], px / t["old_cpu"], px / t["new_cpu"]
+        gf = mflop_px * 1e6 * nc / 1e9
+        figures["models"][name] = {"predict_px_s": n_, "predict_px_cpu_s": nc, "old_predict_px_s": o, "old_predict_px_cpu_s": oc,
+                                   "mflop_per_px": mflop_px, "gflops": gf, "matmul_fraction": gf / peak}
         counted = f"{gf:.1f} ({100 * gf / peak:.0f} %)" if mflop_px > 0 else "(not counted)"
-        print(f"| {name} | {pps:,.0f} | {mflop_px:.2f} | {counted} | {100 * pps / (px / t_series):.0f} % |", flush=True)
+        print(f"| {name} | {o:,.0f} | {n_:,.0f} | **{n_ / o:.2f}x** | {oc:,.0f} | {nc:,.0f} | **{nc / oc:.2f}x** | {mflop_px:.2f} | {counted} | "
+              f"{100 * nc / (px / ser['new_cpu']):.0f} % |", flush=True)
 
     # the distributed parent's serial share: part -> MapWriter, then overviews + COG
     from rasterio.windows import Window
@@ -169,15 +256,17 @@ def main() -> None:
                         win = Window(0, r0, a.tile_px, n)
                         writer.write(Window(col, row + r0, a.tile_px, n), ds.read(1, window=win).astype(np.uint8), ds.read(2, window=win))
 
-    t_merge, _ = timed(merge, a.min_seconds)
+    t_merge, _, _ = timed(merge, a.min_seconds)
     figures["merge_px_s"] = px * k * k / t_merge
     figures["merge_map_px"] = k * a.tile_px
+    figures["load_after"] = os.getloadavg()
     print(f"\nparent merge (parts -> MapWriter -> overviews + COG, {k * a.tile_px} x {k * a.tile_px} px map): "
           f"{figures['merge_px_s']:,.0f} pixels/s")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {a.json}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

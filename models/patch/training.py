@@ -62,23 +62,38 @@ def _augment(xb, vb, yb, rng: np.random.Generator):
     return tuple(torch.stack(o) for o in out)
 
 
+def _origin_key(model: nn.Module, origin: tuple[int, int]) -> tuple[int, int]:
+    """What of a patch's origin the model sees: STCLN's windowed attention only uses ``origin % sta_window``
+    (:func:`cropmap.models.stcln.window_attention`), other models the origin itself."""
+    w = getattr(getattr(model, "config", None), "sta_window", None)
+    return (origin[0] % w, origin[1] % w) if w else tuple(origin)
+
+
 def predict_patch_proba(model: nn.Module, x: np.ndarray, days: np.ndarray, valid: np.ndarray, batch_size: int = 4,
                         device: str = "cpu", origins: list[tuple[int, int]] | None = None) -> np.ndarray:
-    """Class probabilities (N, K, H, W) float32; ``origins`` place each patch on the global grid (STA windows)."""
+    """Class probabilities (N, K, H, W) float32; ``origins`` place each patch on the global grid (STA windows).
+
+    Patches whose origins the model sees alike (same position on the STA window grid) share batches;
+    each keeps its place in the output."""
     model.eval()
-    outs = []
-    with torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size])).to(device)
-            db = torch.from_numpy(np.ascontiguousarray(days[s:s + batch_size])).to(device)
-            vb = torch.from_numpy(np.ascontiguousarray(valid[s:s + batch_size])).to(device)
-            if origins is None or len({tuple(o) for o in origins[s:s + batch_size]}) <= 1:
-                o = (0, 0) if origins is None else tuple(origins[s])
-                outs.append(torch.softmax(model(xb, db, vb, o), 1).cpu().numpy())
-            else:
-                for i in range(len(xb)):
-                    outs.append(torch.softmax(model(xb[i:i + 1], db[i:i + 1], vb[i:i + 1], tuple(origins[s + i])), 1).cpu().numpy())
-    return np.concatenate(outs).astype(np.float32)
+    n = len(x)
+    keys = [(0, 0)] * n if origins is None else [_origin_key(model, (int(o[0]), int(o[1]))) for o in origins]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    out = None
+    with torch.inference_mode():
+        for key, members in groups.items():
+            for s in range(0, len(members), batch_size):
+                idx = members[s:s + batch_size]
+                xb = torch.from_numpy(np.ascontiguousarray(x[idx])).to(device)
+                db = torch.from_numpy(np.ascontiguousarray(days[idx])).to(device)
+                vb = torch.from_numpy(np.ascontiguousarray(valid[idx])).to(device)
+                p = torch.softmax(model(xb, db, vb, key), 1).float().cpu().numpy()
+                if out is None:
+                    out = np.zeros((n, *p.shape[1:]), np.float32)
+                out[idx] = p
+    return out if out is not None else np.zeros((0,), np.float32)
 
 
 def fit_patches(model: nn.Module, x: np.ndarray, days: np.ndarray, valid: np.ndarray, y: np.ndarray, n_classes: int, cfg: PatchFitConfig,

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 import rasterio
 
-from cropmap.models.boosting import fit_boosting
-from cropmap.models.forest import binned_features, make_forest
 from cropmap.models.patch.training import PatchFitConfig
 from cropmap.models.pretrain.masked import MaskedConfig
 from cropmap.pipeline.cube import open_cube
 from cropmap.pipeline.errors import StageError
-from cropmap.pipeline.fsio import atomic_path, write_json
+from cropmap.pipeline.fsio import write_json
 from cropmap.pipeline.levels import RunInputs
 from cropmap.pipeline.levels.common import metrics_document, summary
 from cropmap.pipeline.levels.patch.patches import (
@@ -42,13 +41,11 @@ from cropmap.pipeline.levels.patch.patches import (
 )
 from cropmap.pipeline.levels.patch.predict import predict_patch_site
 from cropmap.pipeline.levels.patch.train import (
-    class_table,
-    encode_targets,
     evaluate_patch_model,
-    pixel_series,
     pretrain_patch_encoder,
+    seed_threads,
     segmentation_metrics,
-    train_patch_model,
+    train_seed_with_forest,
 )
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.stages.maps import write_preview
@@ -117,43 +114,32 @@ def patch_stages(run: RunInputs) -> list[Stage]:
         encoder = ctx.upstream["patch_pretrain"]["encoder"] if pretraining else None
         models_dir, base_dir = ctx.path("patch_models"), ctx.path("patch_baselines")
         tick = ctx.progress("train patches", n_epochs * len(tr.split_seeds)) if ctx.progress else None
-        report = {}
+        jobs = []
         for seed in tr.split_seeds:
             split, budget = split_for(ps, seed)
             cfg = PatchFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, class_weighting=pc.class_weighting, seed=seed, device=dev)
-            meta = train_patch_model(ps, budget, split.val, models_dir / f"seed-{seed}", model_name=pc.model, model_options=pc.model_options,
-                                     fit_config=cfg, background=pc.background, pretrained=encoder,
-                                     extra_files={"split.json": {**split.to_dict(), "budget": budget}},
-                                     extra_meta={"inputs": {"composite_days": pc.composite_days, "patch_size": pc.patch_size}},
-                                     on_epoch=(lambda r: tick(1)) if tick else None)
-            # the random forest on (a sample of) the same training pixels, predicting every test pixel
-            classes = class_table(ps, budget, pc.background)
-            y = encode_targets(ps.labels, ps.valid, classes, pc.background)
-            series, pidx, where = pixel_series(ps, budget, y >= 0, RF_PIXELS, seed)
-            forest = make_forest(seed, n_estimators=200).fit(binned_features(series), y[pidx, where[:, 1], where[:, 2]])
-            test = np.asarray(split.test, np.int64)
-            tseries, tidx, twhere = pixel_series(ps, test)
-            codes = np.zeros((len(test), *ps.labels.shape[1:]), np.uint8)
-            lut = np.array([c["label"] for c in classes], np.uint8)
-            pos = {int(p): i for i, p in enumerate(test)}
-            tfeats = binned_features(tseries)
-            codes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[forest.classes_[forest.predict_proba(tfeats).argmax(1)]]
-            with atomic_path(base_dir / f"forest-seed-{seed}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, test=test, codes=codes)
-            # gradient boosting on the same training pixels (early stopping on pixels of the validation patches)
-            vseries, vidx, vwhere = pixel_series(ps, np.asarray(split.val, np.int64), y >= 0, RF_PIXELS, seed) if len(split.val) else (None, None, None)
-            boost = fit_boosting(binned_features(series), y[pidx, where[:, 1], where[:, 2]],
-                                 binned_features(vseries) if vseries is not None else None,
-                                 y[vidx, vwhere[:, 1], vwhere[:, 2]] if vseries is not None else None, seed=seed)
-            bcodes = np.zeros_like(codes)
-            bcodes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[boost.classes_[boost.predict_proba(tfeats).argmax(1)]]
-            with atomic_path(base_dir / f"boosting-seed-{seed}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, test=test, codes=bcodes)
-            report[f"seed-{seed}"] = {"n_train_patches": len(budget), "n_val_patches": len(split.val), "n_test_patches": len(split.test),
-                                      "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
-                                      "n_parameters": meta["n_parameters"]}
+            jobs.append((seed, dict(ps=ps, seed=seed, split=split.to_dict(), budget=budget, model_dir=models_dir / f"seed-{seed}",
+                                    forest_path=base_dir / f"forest-seed-{seed}.npz", model_name=pc.model, model_options=pc.model_options,
+                                    fit_config=cfg, background=pc.background, pretrained=encoder,
+                                    extra_meta={"inputs": {"composite_days": pc.composite_days, "patch_size": pc.patch_size}},
+                                    rf_pixels=RF_PIXELS)))
+        workers, threads = seed_threads(len(jobs)) if dev == "cpu" else (1, None)
+        t0 = time.perf_counter()
+        if workers > 1:  # independent seeds on separate cores (spawned: no OpenMP state crosses a fork)
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {seed: pool.submit(train_seed_with_forest, **kw, threads=threads) for seed, kw in jobs}
+                report = {}
+                for seed, fut in futures.items():
+                    report[f"seed-{seed}"] = fut.result()
+                    if tick:
+                        tick(n_epochs)
+        else:
+            report = {f"seed-{seed}": train_seed_with_forest(**kw, threads=threads, on_epoch=(lambda r: tick(1)) if tick else None)
+                      for seed, kw in jobs}
+        report["parallel"] = {"worker_processes": workers, "torch_threads": threads, "seconds": round(time.perf_counter() - t0, 1)}
         ctx.report.update(report)
         return {"models": "patch_models", "model": f"patch_models/seed-{tr.split_seeds[0]}", "baselines": "patch_baselines"}
 

@@ -256,3 +256,60 @@ def pixel_series(ps: PatchSet, idx, pixel_mask: np.ndarray | None = None, max_pi
     days = np.broadcast_to(ps.days[idx[n]], v.shape)
     offsets = np.concatenate([[0], np.cumsum(v.sum(1))]).astype(np.int64)
     return Series(vals[v].astype(np.float32), days[v].astype(np.float32), offsets), idx[n], where
+
+
+def seed_threads(n_seeds: int, cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, torch threads each) for training ``n_seeds`` split seeds on ``cores`` cores.
+
+    One torch thread per process: these models are small (a 4-patch batch is ~1k short sequences),
+    so intra-op threads gain little, and on a shared machine an OpenMP thread waiting for a busy
+    core stalls every op (measured: an STCLN step took 0.51 s with 1 thread and 4.9 s with 2 on
+    the loaded 2-core machine). Seeds are independent: one process per core."""
+    import os
+
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(n_seeds, cores)), 1
+
+
+def train_seed_with_forest(ps: PatchSet, seed: int, split: dict, budget: list[int], model_dir: Path, forest_path: Path, *,
+                           model_name: str, model_options: dict, fit_config: PatchFitConfig, background: str,
+                           pretrained: Path | None, extra_meta: dict, rf_pixels: int, threads: int | None = None,
+                           on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """One split seed of the patch_train stage: the model, then the per-pixel random forest and gradient
+    boosting on (a sample of) the same training pixels predicting every test pixel (``boosting-seed-N.npz``
+    beside ``forest_path``). Runs in a worker process or in the caller."""
+    from cropmap.models.forest import binned_features, make_forest
+
+    if threads:
+        torch.set_num_threads(threads)
+    meta = train_patch_model(ps, budget, split["val"], model_dir, model_name=model_name, model_options=model_options,
+                             fit_config=fit_config, background=background, pretrained=pretrained,
+                             extra_files={"split.json": {**split, "budget": budget}}, extra_meta=extra_meta, on_epoch=on_epoch)
+    classes = class_table(ps, budget, background)
+    y = encode_targets(ps.labels, ps.valid, classes, background)
+    series, pidx, where = pixel_series(ps, budget, y >= 0, rf_pixels, seed)
+    forest = make_forest(seed, n_jobs=1 if threads else -1, n_estimators=200).fit(binned_features(series), y[pidx, where[:, 1], where[:, 2]])
+    test = np.asarray(split["test"], np.int64)
+    tseries, tidx, twhere = pixel_series(ps, test)
+    codes = np.zeros((len(test), *ps.labels.shape[1:]), np.uint8)
+    lut = np.array([c["label"] for c in classes], np.uint8)
+    pos = {int(p): i for i, p in enumerate(test)}
+    codes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[forest.classes_[forest.predict_proba(binned_features(tseries)).argmax(1)]]
+    with atomic_path(forest_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, test=test, codes=codes)
+    # gradient boosting on the same training pixels (early stopping on pixels of the validation patches)
+    from cropmap.models.boosting import fit_boosting
+
+    val = np.asarray(split["val"], np.int64)
+    vseries, vidx, vwhere = pixel_series(ps, val, y >= 0, rf_pixels, seed) if len(val) else (None, None, None)
+    boost = fit_boosting(binned_features(series), y[pidx, where[:, 1], where[:, 2]],
+                         binned_features(vseries) if vseries is not None else None,
+                         y[vidx, vwhere[:, 1], vwhere[:, 2]] if vseries is not None else None, seed=seed)
+    bcodes = np.zeros_like(codes)
+    bcodes[[pos[int(p)] for p in tidx], twhere[:, 1], twhere[:, 2]] = lut[boost.classes_[boost.predict_proba(binned_features(tseries)).argmax(1)]]
+    with atomic_path(forest_path.with_name(forest_path.name.replace("forest-", "boosting-"))) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, test=test, codes=bcodes)
+    return {"n_train_patches": len(budget), "n_val_patches": len(split["val"]), "n_test_patches": len(split["test"]),
+            "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"], "n_parameters": meta["n_parameters"]}

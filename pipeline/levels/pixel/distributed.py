@@ -351,9 +351,7 @@ def predict_tile(tile: str, part: Path, site, legend, cube_path: Path, model_dir
     profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=2, dtype="float32", crs=f"EPSG:{grid.epsg}",
                    transform=grid.transform, tiled=False, blockysize=rows_per_block, compress="deflate", bigtiff="IF_SAFER")
     with atomic_path(part) as tmp, rasterio.open(tmp, "w", **profile) as ds:
-        for r0 in range(0, grid.height, rows_per_block):
-            r1 = min(grid.height, r0 + rows_per_block)
-            cls, conf = predictor.rows(cube, r0, r1)
+        for r0, r1, cls, conf in predictor.blocks(cube, rows_per_block):
             counts += np.bincount(cls.ravel(), minlength=256)
             win = Window(0, r0, grid.width, r1 - r0)
             ds.write(cls.astype(np.float32), 1, window=win)
