@@ -51,7 +51,7 @@ from convert_points import convert_all  # noqa: E402
 
 from cropmap.models.forest import binned_features, make_forest  # noqa: E402
 from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
-from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, choose, validation_scores  # noqa: E402
+from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_scores  # noqa: E402
 from cropmap.pipeline.sites import Training  # noqa: E402
 from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
 
@@ -191,58 +191,116 @@ def fit_deep(name: str, samples, train, y_seen, seed, recipe, work: Path, n_clas
     return predict, f"{name}, {epochs} epochs, {DEEP_RECIPES.get(name, {})}"
 
 
-def fit_presto(name: str, samples, train, y_seen, seed, recipe, work, n_classes, budget):
-    from cropmap.models.pixel import presto  # noqa: F401  (issue 14, part 1)
+PRESTO_RECIPE = {"epochs": 20, "lr": 3e-4, "batch_size": 32, "weight_decay": 1e-4}
+"""Fine-tuning schedule of ``presto`` (a pre-trained encoder: a lower learning rate than from scratch)."""
+_STATS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    raise NotImplementedError("presto adapter: wired when the presto model lands")
+
+def fit_presto(name: str, samples, train, y_seen, seed, recipe, work, n_classes, min_steps):
+    """``presto-embed``: frozen published encoder, embeddings of every series once per dataset,
+    LightGBM on the training embeddings (fixed rounds: validation only scores). ``presto``: the
+    encoder + MLP head fine-tuned end to end with :func:`cropmap.models.training.fit`."""
+    from cropmap.models.boosting import fit_boosting, proba_for_classes
+    from cropmap.models.pixel.presto import PrestoClassifier, data_options, embed_series
+    from cropmap.models.series import band_statistics
+
+    series = as_series(samples)
+    # input statistics of all series (values only, no label): Presto undoes them to its own scaling
+    if id(samples) not in _STATS:
+        _STATS[id(samples)] = band_statistics(series)
+    mean, std = _STATS[id(samples)]
+    opts = data_options(days=series.days, table=samples.table)
+    y_tr = np.asarray(y_seen[train])
+    if name == "presto-embed":
+        model = PrestoClassifier(len(samples.bands), n_classes, band_names=list(samples.bands), mean=mean.tolist(),
+                                 std=std.tolist(), head="boosting", **opts)
+        emb = embed_series(model, series, mean, std)  # cached by content: once per dataset
+        clf = fit_boosting(emb[train], y_tr, seed=seed, n_jobs=1)
+        return (lambda idx: proba_for_classes(clf, emb[idx], n_classes)), "presto-embed: frozen Presto + LightGBM (300 rounds)"
+    r = PRESTO_RECIPE
+    per_epoch = max(1, math.ceil(len(train) / r["batch_size"]))
+    epochs = max(r["epochs"], math.ceil(min_steps / per_epoch))
+    cfg = FitConfig(epochs=epochs, batch_size=r["batch_size"], max_len=recipe["max_len"], seed=seed, device="cpu",
+                    patience=10**6, lr=r["lr"], weight_decay=r["weight_decay"], augment=recipe["augment"].augment())
+    torch.manual_seed(seed)
+    model = PrestoClassifier(len(samples.bands), n_classes, band_names=list(samples.bands), mean=mean.tolist(),
+                             std=std.tolist(), head="mlp", **opts)
+    from cropmap.models.training import fit
+
+    fit(model, series_subset(series, train), y_tr, mean, std, cfg, n_classes=n_classes)
+    model.eval()
+    cache: dict[bytes, np.ndarray] = {}
+
+    def predict(idx):
+        key = np.asarray(idx).tobytes()
+        if key not in cache:
+            cache[key] = predict_proba(model, series_subset(series, idx), mean, std, recipe["max_len"], 1024, "cpu")
+        return cache[key]
+    return predict, f"presto fine-tuned, {epochs} epochs, {r}"
 
 
-def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates: list[str], work: Path, min_steps: int) -> list[dict]:
+def series_subset(series, idx):
+    from cropmap.models.series import Series, ragged_rows
+
+    idx = np.asarray(idx, np.int64)
+    lengths = series.lengths[idx]
+    rows = ragged_rows(series.offsets[idx], lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(series.offsets.dtype)
+    return Series(np.asarray(series.values)[rows], np.asarray(series.days)[rows], offsets)
+
+
+def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates: list[str], work: Path, min_steps: int,
+            skip: set | None = None) -> list[dict]:
+    """One row per candidate (validation and test figures) of one dataset, budget and seed."""
     train, val, test = splits_for(samples, recipe, seed, budget)
     classes = class_table(samples, train)
     y = encode_labels(samples, classes)
     n_classes = len(classes)
-    seen = GuardedLabels(y, forbidden=test)  # the fitters and the choice cannot read a test label
-    series = as_series(samples)
-    feats = binned_features(series) if any(c in BASELINES for c in candidates) else None
-    results, rows = [], []
+    seen = GuardedLabels(y, forbidden=test)  # the fitters and the validation scores cannot read a test label
+    feats = binned_features(as_series(samples)) if any(c in BASELINES for c in candidates) else None
+    rows = []
     for name in candidates:
+        if skip and name in skip:
+            continue
         t0 = time.perf_counter()
-        res = CandidateResult(name)
         try:
             if name in BASELINES:
                 predict, impl = fit_features(name, samples, train, seen, seed, feats, n_classes)
             elif name.startswith("presto"):
-                predict, impl = fit_presto(name, samples, train, seen, seed, recipe, work, n_classes, budget)
+                predict, impl = fit_presto(name, samples, train, seen, seed, recipe, work, n_classes, min_steps)
             else:
                 predict, impl = fit_deep(name, samples, train, seen, seed, recipe, work, n_classes, min_steps)
             v = validation_scores(seen, val, predict(val))
-            res.validation.append(v)
         except (ImportError, NotImplementedError) as exc:
-            res.error = f"{type(exc).__name__}: {exc}"
-            print(f"# {dataset} {budget} {seed} {name}: skipped ({res.error})", flush=True)
-            results.append(res)
+            print(f"# {dataset} {budget} {seed} {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
             continue
-        # test figures are computed after fitting, outside the guard, and never feed the choice
-        pt = predict(test)
-        yt = y[test]
-        from cropmap.pipeline.levels.selection import _scores
-
-        t = _scores(yt, pt, n_classes)
-        res.test.append(t)
-        results.append(res)
+        # test figures: after fitting and validation scoring, from the plain labels; never used by the choice
+        t = _scores(y[test], predict(test), n_classes)
         rows.append({"dataset": dataset, "budget": budget, "seed": seed, "candidate": name, "impl": impl,
                      "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
                      "val_overall_accuracy": round(v["overall_accuracy"], 4), "val_macro_f1": round(v["macro_f1"], 4),
                      "test_overall_accuracy": round(t["overall_accuracy"], 4), "test_macro_f1": round(t["macro_f1"], 4),
                      "seconds": round(time.perf_counter() - t0, 1), "load": round(os.getloadavg()[0], 2)})
         print(json.dumps(rows[-1]), flush=True)
-    choice = choose(results)
-    win = next(r for r in rows if r["candidate"] == choice["winner"])
-    rows.append({**win, "candidate": "auto", "picked": choice["winner"], "reason": choice["reason"], "impl": "auto",
-                 "seconds": 0.0})
-    print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def with_auto(rows: list[dict], exclude: tuple[str, ...] = ()) -> list[dict]:
+    """Add one ``auto`` row per (dataset, budget, seed): the candidate :func:`choose` picks on validation."""
+    df = [r for r in rows if r["candidate"] != "auto"]
+    out = list(df)
+    keys = sorted({(r["dataset"], r["budget"], r["seed"]) for r in df}, key=str)
+    for key in keys:
+        group = [r for r in df if (r["dataset"], r["budget"], r["seed"]) == key and r["candidate"] not in exclude]
+        if not group:
+            continue
+        # the choice sees validation figures only (the test fields are not passed)
+        results = [CandidateResult(r["candidate"], validation=[{"macro_f1": r["val_macro_f1"], "overall_accuracy": r["val_overall_accuracy"]}])
+                   for r in group]
+        choice = choose(results)
+        win = next(r for r in group if r["candidate"] == choice["winner"])
+        out.append({**win, "candidate": "auto", "picked": choice["winner"], "reason": choice["reason"], "impl": "auto", "seconds": 0.0})
+    return out
 
 
 # --- summary --------------------------------------------------------------------------------
@@ -252,7 +310,7 @@ def _ms(s: pd.Series) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(with_auto(rows))
     out = []
     verdicts = []
     for dataset in [d for d in DATASETS if d in set(df.dataset)]:
@@ -327,22 +385,21 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    done = set()
+    done = set()  # (dataset, budget, seed, candidate, impl) already measured
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            if r["candidate"] == "auto":
-                done.add((r["dataset"], r["budget"], r["seed"], tuple(r.get("candidates", []))))
+            done.add((r["dataset"], r["budget"], r["seed"], r["candidate"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
         samples, recipe = load_dataset(dataset, args.work / "cache")
         print(f"# {dataset}: {len(samples)} labelled series, {samples.table['label'].nunique()} classes, bands {samples.bands}", flush=True)
         for budget in args.budgets:
             for seed in args.seeds:
-                if (dataset, budget, seed, tuple(args.candidates)) in done:
+                skip = {c for c in args.candidates if (dataset, budget, seed, c) in done}
+                if skip == set(args.candidates):
                     continue
-                rows = run_one(samples, recipe, dataset, budget, seed, args.candidates, args.work, args.min_steps)
-                rows[-1]["candidates"] = list(args.candidates)
+                rows = run_one(samples, recipe, dataset, budget, seed, args.candidates, args.work, args.min_steps, skip)
                 with open(args.out, "a") as fh:
                     for r in rows:
                         fh.write(json.dumps(r) + "\n")
