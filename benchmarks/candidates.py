@@ -58,6 +58,7 @@ from cropmap.pipeline.train import as_series, class_table, encode_labels, load_m
 POINT_SETS = ("corsica2022", "flanders2021", "africa2017")
 DATASETS = ("demo", "demo-parcel", "rpg2023", *POINT_SETS)
 BASELINES = ("forest", "boosting")
+BLEND = ("forest", "boosting", "presto-embed-plus")
 
 # Deep-model recipes: fixed schedules chosen on validation (benchmarks/tuning.py, RESULTS.md).
 DEEP_RECIPES: dict[str, dict] = {
@@ -211,12 +212,16 @@ def fit_presto(name: str, samples, train, y_seen, seed, recipe, work, n_classes,
     mean, std = _STATS[id(samples)]
     opts = data_options(days=series.days, table=samples.table)
     y_tr = np.asarray(y_seen[train])
-    if name == "presto-embed":
+    if name in ("presto-embed", "presto-embed-plus"):
         model = PrestoClassifier(len(samples.bands), n_classes, band_names=list(samples.bands), mean=mean.tolist(),
                                  std=std.tolist(), head="boosting", **opts)
         emb = embed_series(model, series, mean, std)  # cached by content: once per dataset
+        impl = "presto-embed: frozen Presto + LightGBM (300 rounds)"
+        if name == "presto-embed-plus":  # the embeddings next to the forest's monthly features
+            emb = np.concatenate([emb, binned_features(series)], axis=1)
+            impl = "presto-embed-plus: LightGBM on frozen Presto embeddings + 30-day medians"
         clf = fit_boosting(emb[train], y_tr, seed=seed, n_jobs=1)
-        return (lambda idx: proba_for_classes(clf, emb[idx], n_classes)), "presto-embed: frozen Presto + LightGBM (300 rounds)"
+        return (lambda idx: proba_for_classes(clf, emb[idx], n_classes)), impl
     r = PRESTO_RECIPE
     per_epoch = max(1, math.ceil(len(train) / r["batch_size"]))
     epochs = max(r["epochs"], math.ceil(min_steps / per_epoch))
@@ -259,17 +264,27 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
     seen = GuardedLabels(y, forbidden=test)  # the fitters and the validation scores cannot read a test label
     feats = binned_features(as_series(samples)) if any(c in BASELINES for c in candidates) else None
     rows = []
+    predictors: dict[str, object] = {}
     for name in candidates:
-        if skip and name in skip:
+        if skip and name in skip and not (name in BLEND and "blend" in candidates):
             continue
         t0 = time.perf_counter()
         try:
-            if name in BASELINES:
+            if name == "blend":  # mean probabilities of the feature-based candidates of this run
+                members = [m for m in BLEND if m in predictors]
+                if len(members) < 2:
+                    raise NotImplementedError(f"blend needs two of {BLEND} in the same run, has {members}")
+                parts = [predictors[m] for m in members]
+                predict, impl = (lambda idx, parts=parts: np.mean([p(idx) for p in parts], axis=0)), f"blend: mean of {members}"
+            elif name in BASELINES:
                 predict, impl = fit_features(name, samples, train, seen, seed, feats, n_classes)
             elif name.startswith("presto"):
                 predict, impl = fit_presto(name, samples, train, seen, seed, recipe, work, n_classes, min_steps)
             else:
                 predict, impl = fit_deep(name, samples, train, seen, seed, recipe, work, n_classes, min_steps)
+            predictors[name] = predict
+            if skip and name in skip:
+                continue
             v = validation_scores(seen, val, predict(val))
         except (ImportError, NotImplementedError) as exc:
             print(f"# {dataset} {budget} {seed} {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
