@@ -324,8 +324,14 @@ def _ms(s: pd.Series) -> str:
     return f"{s.mean():.3f} ± {s.std(ddof=1) if len(s) > 1 else 0:.3f}"
 
 
+def dedupe(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, budget, seed, candidate): the last measured (passes may overlap)."""
+    last = {(r["dataset"], r["budget"], r["seed"], r["candidate"]): r for r in rows if r["candidate"] != "auto"}
+    return list(last.values())
+
+
 def summarize(rows: list[dict]) -> str:
-    df = pd.DataFrame(with_auto(rows))
+    df = pd.DataFrame(with_auto(dedupe(rows)))
     out = []
     verdicts = []
     for dataset in [d for d in DATASETS if d in set(df.dataset)]:
