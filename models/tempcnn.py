@@ -23,8 +23,19 @@ at the end:
   dates (``pooling``: ``"meanmax"`` - masked mean and max concatenated, default -
   ``"mean"`` or ``"max"``), which handles any length.
 
-Defaults: 3 layers of 64 filters, kernel 5, dense 256, dropout 0.2, day code 16; about
-93k parameters with 12 bands and 21 classes. ``encode`` returns the dense layer's output
+Why the grid (the fix of TempCNN's weak scores, benchmarks/RESULTS.md): convolving over the
+*positions* of a cropmap series mixes optical and radar dates (each row observes only one
+sensor's bands) and, in training, a random subset of ``max_len`` of a few hundred dates, so a
+kernel of 5 positions spans anything from a few days to months and its weights cannot mean a
+time pattern. On a regular grid of 10-day bins (``grid_days``, the default), interpolated per
+band, a kernel spans 50 days everywhere, as in the published model on gap-filled series.
+Checkpoints saved before this option (no ``grid_days`` in their config) load with
+``grid_days=0`` and behave as before.
+
+Defaults: 3 layers of 64 filters, kernel 5, dense 256, dropout 0.2, 10-day grid from day -150 to
+400 of the season year (55 bins), with the day code (16) of each bin's centre as input (the
+pooling is shift-invariant: without it the network could not tell an early from a late peak),
+masked mean + max pooling; about 93k parameters with 12 bands and 21 classes. ``encode`` returns the dense layer's output
 ``(B, hidden)``; ``decoder`` is the final ``Linear(hidden, classes)``.
 """
 
@@ -73,8 +84,8 @@ class TempCNNConfig(PixelModelConfig):
     dropout: float = 0.2
     day_dim: int = 16
     pooling: str = "meanmax"
-    grid_days: int = 0
-    """``> 0``: resample every series onto a regular grid of ``grid_days``-day bins from
+    grid_days: int = 10
+    """``> 0`` (default 10, chosen on validation: benchmarks/RESULTS.md): resample every series onto a regular grid of ``grid_days``-day bins from
     ``grid_start`` to ``grid_end`` (day of the season year) before the convolutions (masked mean
     per band and bin, gaps linearly interpolated per band, presence flags kept), so the kernel
     spans a fixed time window as in the published TempCNN. ``0``: convolve over the positions of
@@ -107,7 +118,7 @@ class TempCNN(PixelClassifier):
         c = self.config
         self.day_encoding = DayEncoding(c.day_dim, base=DAY_BASE)
         self.n_bins = -(-(c.grid_end - c.grid_start) // c.grid_days) if c.grid_days else 0
-        n_in = 2 * c.n_bands + (0 if c.grid_days else c.day_dim)
+        n_in = 2 * c.n_bands + c.day_dim
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(c.n_layers):
@@ -122,12 +133,22 @@ class TempCNN(PixelClassifier):
         self.embed_dim = c.hidden
         self.decoder = nn.Linear(c.hidden, c.n_classes)
 
+    @classmethod
+    def from_config(cls, config):
+        # a saved config without grid_days is a model that convolved over positions: keep it so
+        if not isinstance(config, TempCNNConfig) and "grid_days" not in config:
+            config = {**config, "grid_days": 0}
+        return super().from_config(config)
+
     def encode(self, x: Tensor, present: Tensor, days: Tensor, mask: Tensor) -> Tensor:
         """Dense-layer embedding ``(B, hidden)``."""
         x, present, days, mask = self.prepare(x, present, days, mask)
         if self.config.grid_days:
             x, present, mask = self.to_grid(x, present, days, mask)
-            h = torch.cat([x, present.to(x.dtype)], dim=-1).transpose(1, 2)  # (B, 2C, G)
+            # the day code of each bin's centre: global pooling alone would forget *when* a pattern was
+            centres = (self.config.grid_start + self.config.grid_days * (torch.arange(self.n_bins, device=x.device) + 0.5)).to(x.dtype)
+            code = self.day_encoding(centres.expand(x.shape[0], -1)).to(x.dtype)
+            h = torch.cat([x, present.to(x.dtype), code], dim=-1).transpose(1, 2)  # (B, 2C + day_dim, G)
         else:
             h = date_features(x, present, days, mask, self.day_encoding).transpose(1, 2)  # (B, F, T)
         for conv, norm in zip(self.convs, self.norms):

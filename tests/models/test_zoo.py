@@ -226,8 +226,8 @@ def test_hyper_parameters_are_validated(name):
     cfg = make(name)[1]
     bad = {k: 0 for k in cfg if k not in ("n_bands", "n_classes", "band_names", "mean", "std") and isinstance(cfg[k], int) and not isinstance(cfg[k], bool)}
     for key in bad:
-        if key == "bottleneck":
-            continue  # 0 means no bottleneck
+        if key in ("bottleneck", "grid_days", "grid_start", "grid_end"):
+            continue  # 0 means no bottleneck / no regular grid; grid bounds are days, 0 is a day
         with pytest.raises(ValueError, match=key):
             make(name, **{key: 0})
 

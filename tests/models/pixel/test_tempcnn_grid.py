@@ -54,7 +54,7 @@ def test_output_ignores_padding_and_dates_without_observations():
 
 def test_flatten_needs_the_grid_and_has_the_published_shape():
     with pytest.raises(ValueError, match="grid"):
-        model(pooling="flatten")
+        model(pooling="flatten", grid_days=0)
     m = model(grid_days=10, pooling="flatten")
     assert m.dense[0].in_features == 64 * 55
     assert m(torch.randn(3, 5, 2), torch.ones(3, 5, 2, dtype=torch.bool), torch.rand(3, 5) * 300,
