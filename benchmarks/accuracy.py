@@ -46,12 +46,12 @@ import torch
 
 from cropmap.models.forest import binned_features, make_forest
 from cropmap.models.metrics import classification_metrics
-from cropmap.models.moco import MoCoConfig
+from cropmap.models.pretrain.moco import MoCoConfig
 from cropmap.models.training import FitConfig, predict_proba
-from cropmap.pipeline.pretrain import pretrain_encoder
+from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
+from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
 from cropmap.pipeline.samples import PixelSamples, load_store, read_long_table
 from cropmap.pipeline.sites import Training
-from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -63,9 +63,9 @@ MODELS = ["stnet", "transformer", "ltae", "tempcnn", "lstm", "inceptiontime"]
 def demo_dataset(cache: Path) -> tuple[PixelSamples, PixelSamples, dict]:
     """(labelled pixels, unlabelled pixels, site recipe) of the demo site, built once into ``cache``."""
     from cropmap.pipeline.cube import open_cube
+    from cropmap.pipeline.levels.pixel.tensors import concat_samples, unlabelled_samples
     from cropmap.pipeline.runner import Runner
     from cropmap.pipeline.sites import load_site
-    from cropmap.pipeline.tensors import concat_samples, unlabelled_samples
     from cropmap.pipeline.workflow import build_stages
 
     site = load_site("demo")
