@@ -53,7 +53,7 @@ from cropmap.models.forest import binned_features, make_forest  # noqa: E402
 from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
 from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_scores  # noqa: E402
 from cropmap.pipeline.sites import Training  # noqa: E402
-from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
+from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
 
 POINT_SETS = ("corsica2022", "flanders2021", "africa2017")
 DATASETS = ("demo", "demo-parcel", "rpg2023", *POINT_SETS)

@@ -38,7 +38,7 @@ from accuracy import SHARED, demo_dataset, rpg2023_dataset, split  # noqa: E402
 from cropmap.models.series import Augment  # noqa: E402
 from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
 from cropmap.pipeline.levels.selection import validation_scores  # noqa: E402
-from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
+from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
 
 
 def carve_validation(samples, seed: int, recipe: dict) -> tuple[np.ndarray, np.ndarray]:
