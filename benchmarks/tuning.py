@@ -82,16 +82,38 @@ def run_variant(samples, recipe, model: str, variant: dict, seed: int, work: Pat
             "val_macro_f1": round(s["macro_f1"], 4), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def summarize(rows: list[dict]) -> str:
+    """Validation OA / macro F1 per variant: mean over seeds, and each seed's figures."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    out = ["| dataset | model | variant | what | val OA (mean) | val macro F1 (mean) | per seed OA / F1 | seconds (load) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (ds, model, variant), g in df.groupby(["dataset", "model", "variant"], sort=False):
+        spec = {k: v for k, v in g["spec"].iloc[0].items() if k != "name"}
+        what = json.dumps(spec) + (f"; {g['code'].iloc[0]}" if "code" in g and isinstance(g["code"].iloc[0], str) else "")
+        per = ", ".join(f"s{r.seed}: {r.val_overall_accuracy:.3f} / {r.val_macro_f1:.3f}" for r in g.itertuples())
+        out.append(f"| {ds} | {model} | {variant} | `{what}` | {g.val_overall_accuracy.mean():.3f} | {g.val_macro_f1.mean():.3f} | {per} | "
+                   f"{g.seconds.mean():.0f} ({g['load'].mean():.0f}) |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["demo", "rpg2023"], required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--grid", nargs="+", required=True, help="JSON variants (see the module docstring)")
+    ap.add_argument("--summarize", type=Path, nargs="+")
+    ap.add_argument("--dataset", choices=["demo", "rpg2023"])
+    ap.add_argument("--model")
+    ap.add_argument("--grid", nargs="+", help="JSON variants (see the module docstring)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tuning.jsonl"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cropmap-tuning")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize([json.loads(line) for p in args.summarize for line in p.read_text().splitlines() if line.strip()]))
+        return
+    if not (args.dataset and args.model and args.grid):
+        ap.error("--dataset, --model and --grid are required (or --summarize)")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.dataset == "demo":
