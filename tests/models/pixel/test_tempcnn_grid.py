@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cropmap.models.tempcnn import TempCNN
+from cropmap.models.pixel.tempcnn import TempCNN
 
 
 def model(**kw):
