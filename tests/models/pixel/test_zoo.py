@@ -226,8 +226,9 @@ def test_hyper_parameters_are_validated(name):
     cfg = make(name)[1]
     bad = {k: 0 for k in cfg if k not in ("n_bands", "n_classes", "band_names", "mean", "std") and isinstance(cfg[k], int) and not isinstance(cfg[k], bool)}
     for key in bad:
-        if key in ("bottleneck", "first_month", "head_bytes"):
-            continue  # 0 means no bottleneck; Presto: month 0 is January, an untrained head has 0 bytes
+        if key in ("bottleneck", "first_month", "head_bytes", "grid_days", "grid_start", "grid_end"):
+            continue  # 0 means no bottleneck / no regular grid; grid bounds are days (0 is a day); Presto: month 0 is January,
+            # an untrained head has 0 bytes
         with pytest.raises(ValueError, match=key):
             make(name, **{key: 0})
 
