@@ -13,7 +13,7 @@ from cropmap.pipeline.sites import load_site
 from cropmap.pipeline.stages import report as report_mod
 from cropmap.pipeline.workflow import LEVELS, build_stages, get_level, resolve_device
 
-TRAIN_CALL = {"pixel": "train_model", "parcel": "train_parcel_model", "patch": "train_patch_model"}
+TRAIN_CALL = {"pixel": "train_model", "parcel": "train_parcel_model", "patch": "train_seed_with_forest"}
 
 
 class _Stop(Exception):
@@ -63,6 +63,8 @@ def test_device_auto_reaches_the_training_of_every_level(level, one_tile_site, t
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(stages_mod, TRAIN_CALL[level], stop)
+        if level == "patch":  # split seeds in this process, so that the stopped call is the one patched
+            monkeypatch.setattr(stages_mod, "seed_threads", lambda n: (1, None))
         stages, _ = build_stages(one_tile_site, 2019, device="auto", level=level)
         with pytest.raises(_Stop):
             Runner(tmp_path / f"{level}-{cuda}", {"site": one_tile_site.name, "year": 2019}).run(stages, lambda done: {})
