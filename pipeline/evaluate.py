@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cropmap.models.metrics import classification_metrics
+from cropmap.models.metrics import label_metrics
 from cropmap.models.training import predict_proba
 
 from .errors import ModelError, SamplesError
@@ -48,20 +48,13 @@ def predict_samples(model_dir: Path, samples: PixelSamples, device: str | None =
 
 
 def metrics_for(samples: PixelSamples, proba: np.ndarray, classes: list[dict], evaluated: list[str] | None = None) -> dict:
-    """Metrics of predictions ``proba`` against the samples' labels."""
-    y = encode_labels(samples, classes)
+    """Metrics of predictions ``proba`` against the samples' labels, by :func:`cropmap.models.metrics.label_metrics`
+    (its class-set rule: the union of test and predicted classes). ``evaluated`` (the test classes)
+    is accepted for older callers and no longer restricts the average."""
     names = [c["name"] for c in classes]
-    unknown = sorted({str(v) for v, k in zip(samples.table["label"].to_numpy(), y) if k < 0})
-    for extra in unknown:  # labels the model never saw: their own (never predicted) classes
-        idx = len(names)
-        names.append(extra if extra not in names else f"{extra} (unseen)")
-        y[np.array([str(v) == extra for v in samples.table["label"].to_numpy()]) & (y < 0)] = idx
-    labels = None
-    if evaluated is not None:
-        labels = [names.index(n) for n in evaluated if n in names]
-    m = classification_metrics(y, proba.argmax(1), names, labels=labels)
-    m["classes_unseen_in_training"] = unknown
-    return m
+    y = encode_labels(samples, classes)
+    reference = [names[k] if k >= 0 else str(v) for k, v in zip(y, samples.table["label"].to_numpy())]
+    return label_metrics(reference, proba.argmax(1), names)
 
 
 def evaluate_model(model_dir: Path, samples: PixelSamples, device: str | None = None) -> dict:

@@ -110,13 +110,15 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
                 model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
                 model_options: dict | None = None, extra_meta: dict | None = None, extra_files: dict[str, object] | None = None,
                 on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
-                resume: bool = True) -> dict:
+                resume: bool = True, normalisation: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta.
 
     While training, ``OUT.training/`` holds ``history.csv``, TensorBoard logs and a checkpoint of
     the last epoch; an interrupted training with the same data and configuration resumes from it
     (``resume=False`` starts again). ``pretrained`` (a model or ``cropmap pretrain`` encoder
     directory) fixes the architecture and normalisation and initialises every non-decoder weight.
+    ``normalisation`` (band means, stds) replaces the training samples' statistics when there is no
+    ``pretrained`` directory (benchmarks use it to normalise paired rows identically).
     """
     cfg = fit_config or FitConfig()
     if model_name not in model_names():
@@ -138,6 +140,8 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         mean = np.asarray(pmeta["normalisation"]["mean"], np.float32)
         std = np.asarray(pmeta["normalisation"]["std"], np.float32)
         options = {**{k: v for k, v in pmeta["model_config"].items() if k not in ARCHITECTURE_EXCLUDE}, **options}
+    elif normalisation is not None:
+        mean, std = (np.asarray(v, np.float32) for v in normalisation)
     else:
         mean, std = band_statistics(series, train_idx)
     torch.manual_seed(cfg.seed)
