@@ -23,7 +23,7 @@ from cropmap.models import ddp
 from cropmap.models.checkpoint import load_model, load_weights, save_model
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
-from cropmap.models.training import FitConfig, FitResult, fit, resolve_device
+from cropmap.models.training import FitConfig, FitResult, fit, predict_proba, resolve_device
 from cropmap.models.training_log import TrainingLog, write_history
 
 from .errors import ModelError, SamplesError
@@ -170,6 +170,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     finally:
         if tlog is not None:
             tlog.close()
+    calibration = _calibrate(model, sub(val_idx), y[val_idx], mean, std, cfg) if len(val_idx) else None
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -184,6 +185,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
                 "pretrained": str(pretrained) if pretrained else None},
         "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
+        "calibration": calibration,
         "cropmap_version": cropmap.__version__,
         "torch_version": torch.__version__,
         **(extra_meta or {}),
@@ -192,6 +194,19 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         write_directory(out_dir, work, lambda tmp: save_model(tmp, model, meta), result.history, extra_files)
     ddp.barrier()  # the model directory exists for every rank once train_model returns
     return meta
+
+
+def _calibrate(model, val: Series, y_val: np.ndarray, mean: np.ndarray, std: np.ndarray, cfg: FitConfig) -> dict | None:
+    """Temperature scaling fitted on the validation samples (:mod:`cropmap.models.calibration`), with
+    the validation ECE before and after; ``None`` when no validation sample has a training class."""
+    from cropmap.models.calibration import before_after, fit_temperature
+
+    if not (y_val >= 0).any():
+        return None
+    proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, cfg.device, amp=cfg.amp)
+    fitted = fit_temperature(proba, y_val)
+    rel = before_after(proba[y_val >= 0], y_val[y_val >= 0], fitted["temperature"])
+    return {**fitted, "validation_ece": {"before": rel["before"]["ece"], "after": rel["after"]["ece"]}}
 
 
 def epoch_logger(work: Path, on_epoch: Callable[[dict], None] | None) -> tuple[TrainingLog, Callable[[dict], None]]:
