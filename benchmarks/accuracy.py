@@ -276,6 +276,43 @@ def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str
 
 # --- summary --------------------------------------------------------------------------------
 
+def paired(diff: np.ndarray) -> dict:
+    """Mean, sd, 95 % t interval, Wilcoxon signed-rank p (two-sided) and wins of paired differences."""
+    from scipy import stats
+
+    diff = np.asarray(diff, np.float64)
+    n = len(diff)
+    mean, sd = float(diff.mean()), float(diff.std(ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+    p = float(stats.wilcoxon(diff).pvalue) if n > 1 and np.any(diff != 0) else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "p": p, "wins": int((diff > 0).sum())}
+
+
+def gain_tables(d: pd.DataFrame) -> list[str]:
+    """Paired gain of MoCo ("moco" - "none", same model, budget, seed and split) per budget, and per
+    pre-trained encoder (the differences of all budgets of one encoder averaged: they share it, so
+    they are not independent; one encoder per model in the old protocol, per model and seed now)."""
+    deep = d[d.model != "rf"]
+    if not {"none", "moco"} <= set(deep["pretrain"]):
+        return []
+    per_seed = "encoder_seed" in deep.columns and deep.loc[deep.pretrain == "moco", "encoder_seed"].nunique() > 1
+    out = ["", "Gain of MoCo pre-training (moco - none, paired by model, budget and seed; 95 % t interval; Wilcoxon signed-rank p):", "",
+           "| budget | pairs | OA gain mean ± sd [95 % CI] | OA Wilcoxon p | OA better in | macro F1 gain mean ± sd [95 % CI] |",
+           "|---|---|---|---|---|---|"]
+    wide = {m: deep.pivot_table(index=["model", "budget", "seed"], columns="pretrain", values=m) for m in ("overall_accuracy", "macro_f1")}
+    diffs = {m: (w["moco"] - w["none"]).dropna() for m, w in wide.items()}
+    fmt = lambda r: f"{r['mean']:+.3f} ± {r['sd']:.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"  # noqa: E731
+    for b, g in diffs["overall_accuracy"].groupby(level="budget"):
+        oa, f1 = paired(g.to_numpy()), paired(diffs["macro_f1"].xs(b, level="budget").to_numpy())
+        out.append(f"| {b:.0%} | {oa['n']} | {fmt(oa)} | {oa['p']:.3f} | {oa['wins']}/{oa['n']} | {fmt(f1)} |")
+    keys = ["model", "seed"] if per_seed else ["model"]
+    enc = {m: v.groupby(level=keys).mean() for m, v in diffs.items()}
+    oa, f1 = paired(enc["overall_accuracy"].to_numpy()), paired(enc["macro_f1"].to_numpy())
+    out.append(f"| per encoder (all budgets averaged; {'model x seed' if per_seed else 'model: one encoder for all seeds'}) | {oa['n']} | "
+               f"{fmt(oa)} | {oa['p']:.3f} | {oa['wins']}/{oa['n']} | {fmt(f1)} |")
+    return out
+
+
 def summarize(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
     lines = []
@@ -298,14 +335,7 @@ def summarize(rows: list[dict]) -> str:
                 cells.append(f"{r.overall_accuracy.mean():.3f} ± {sd(r.overall_accuracy):.3f} / "
                              f"{r.macro_f1.mean():.3f} ± {sd(r.macro_f1):.3f} ({len(r)})")
             lines.append(f"| {model} | {pre} | " + " | ".join(cells) + " |")
-        pairs = d[d.model != "rf"].pivot_table(index=["model", "budget", "seed"], columns="pretrain", values="overall_accuracy")
-        if {"none", "moco"} <= set(pairs.columns):
-            gain = (pairs["moco"] - pairs["none"]).dropna()
-            lines.append("\nGain of MoCo pre-training in overall accuracy (paired by model, budget and seed):\n")
-            lines.append("| budget | mean gain | std | better in |")
-            lines.append("|---|---|---|---|")
-            for b, g in gain.groupby(level="budget"):
-                lines.append(f"| {b:.0%} | {g.mean():+.3f} | {g.std(ddof=1) if len(g) > 1 else 0:.3f} | {(g > 0).sum()}/{len(g)} |")
+        lines.extend(gain_tables(d))
         best = d[(d.model != "rf") & (d.budget == 1.0)].groupby(["model", "pretrain"]).overall_accuracy.mean()
         rf = d[(d.model == "rf") & (d.budget == 1.0)].overall_accuracy
         if len(best) and len(rf):
@@ -344,7 +374,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarize:
         rows = [json.loads(line) for p in args.summarize for line in p.read_text().splitlines() if line.strip()]
-        print(summarize(rows))
+        # --models / --budgets restrict the summary (e.g. the old rows of the models and budgets re-measured)
+        print(summarize([r for r in rows if r["model"] in args.models and any(abs(r["budget"] - b) < 1e-9 for b in args.budgets)]))
         return
     if not args.dataset:
         ap.error("--dataset or --summarize is required")
