@@ -127,6 +127,14 @@ def parcel_split(parcels: pd.DataFrame, seed: int, test_fraction: float = 0.3, v
 
 # --- spatial blocks ---------------------------------------------------------------------------
 
+def block_split(block_x: np.ndarray, block_y: np.ndarray, seed: int, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """train/val/test per spatial block by a seeded integer hash of the block (Earth Engine sample
+    tables, whose rows carry their block already): no block straddles splits; not class-stratified."""
+    h = (np.asarray(block_x, np.int64) * 73856093) ^ (np.asarray(block_y, np.int64) * 19349663) ^ (seed * 83492791)
+    u = (h % 10007) / 10007.0
+    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+
+
 def metric_xy(x, y, epsg: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates in metres: projected CRSs are taken as they are; geographic ones (EPSG:4326 and
     other lon/lat CRSs) are projected to the UTM zone of their centre."""
