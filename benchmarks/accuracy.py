@@ -247,31 +247,34 @@ def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, wo
             "n_test": int(len(test)), "protocol": protocol_name(args), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **m}
 
 
-def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str, samples=None) -> dict:
-    """MoCo encoders by (model, seed): one per split seed (``--pretrain-per-seed``), normalised with
-    that seed's training statistics, else one per model (seed 0, statistics of the unlabelled series)."""
-    out = {}
-    seeds = args.seeds if args.pretrain_per_seed else [0]
-    tag = f"-{args.split}-s{args.shuffle_bn_groups}" if args.pretrain_per_seed else ""
-    for model in models:
-        for seed in seeds:
-            path = work / f"encoder-{dataset}-{model}{tag}-seed{seed}"
-            if not (path / "config.json").exists():
-                t0 = time.perf_counter()
-                sub = unlabelled
-                if len(unlabelled) > args.pretrain_series:
-                    sub = unlabelled.subset(np.sort(np.random.default_rng(seed).choice(len(unlabelled), args.pretrain_series, replace=False)))
-                cfg = MoCoConfig(epochs=args.pretrain_epochs, batch_size=min(512, max(32, len(sub) // 8)), patience=10,
-                                 momentum=args.momentum, view_length=recipe["max_len"], device=args.device, seed=seed,
-                                 shuffle_bn_groups=args.shuffle_bn_groups)
-                norm = seed_normalisation(samples, recipe, seed, args) if args.pretrain_per_seed else None
-                meta = pretrain_encoder(sub, path, model_name=model, model_options=recipe["model_options"].get(model, {}), config=cfg,
-                                        normalisation=norm)
-                p = meta["pretrain"]
-                print(f"# pretrained {model} (seed {seed}) on {p['n_train']}+{p['n_val']} series: best epoch {p['best_epoch']}/{p['epochs_run']}, "
-                      f"val InfoNCE {p['best_val_infonce']:.3f}, queue {p['queue_size']}, {time.perf_counter() - t0:.0f} s", flush=True)
-            out[(model, seed)] = path
-    return out
+class Encoders:
+    """MoCo encoders by (model, seed), pre-trained on first use (results come out seed by seed):
+    one per split seed (``--pretrain-per-seed``), normalised with that seed's training statistics,
+    else one per model (seed 0, statistics of the unlabelled series)."""
+
+    def __init__(self, unlabelled, recipe, args, work: Path, dataset: str, samples) -> None:
+        self.unlabelled, self.recipe, self.args, self.work, self.dataset, self.samples = unlabelled, recipe, args, work, dataset, samples
+
+    def __getitem__(self, key: tuple[str, int]) -> Path:
+        model, seed = key
+        args, recipe, unlabelled = self.args, self.recipe, self.unlabelled
+        tag = f"-{args.split}-s{args.shuffle_bn_groups}" if args.pretrain_per_seed else ""
+        path = self.work / f"encoder-{self.dataset}-{model}{tag}-seed{seed}"
+        if not (path / "config.json").exists():
+            t0 = time.perf_counter()
+            sub = unlabelled
+            if len(unlabelled) > args.pretrain_series:
+                sub = unlabelled.subset(np.sort(np.random.default_rng(seed).choice(len(unlabelled), args.pretrain_series, replace=False)))
+            cfg = MoCoConfig(epochs=args.pretrain_epochs, batch_size=min(512, max(32, len(sub) // 8)), patience=10,
+                             momentum=args.momentum, view_length=recipe["max_len"], device=args.device, seed=seed,
+                             shuffle_bn_groups=args.shuffle_bn_groups)
+            norm = seed_normalisation(self.samples, recipe, seed, args) if args.pretrain_per_seed else None
+            meta = pretrain_encoder(sub, path, model_name=model, model_options=recipe["model_options"].get(model, {}), config=cfg,
+                                    normalisation=norm)
+            p = meta["pretrain"]
+            print(f"# pretrained {model} (seed {seed}) on {p['n_train']}+{p['n_val']} series: best epoch {p['best_epoch']}/{p['epochs_run']}, "
+                  f"val InfoNCE {p['best_val_infonce']:.3f}, queue {p['queue_size']}, {time.perf_counter() - t0:.0f} s", flush=True)
+        return path
 
 
 # --- summary --------------------------------------------------------------------------------
@@ -396,9 +399,8 @@ def main() -> None:
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             done.add((r["dataset"], r["model"], r["pretrain"], r["budget"], r["seed"], r.get("protocol")))
-    deep = [m for m in args.models if m != "rf"]
-    encoders = pretrain_encoders(unlabelled, recipe, deep, args, args.work, args.dataset, samples) if "moco" in args.pretrain else {}
-    jobs = [(m, p, b, s) for b in args.budgets for s in args.seeds for m in args.models
+    encoders = Encoders(unlabelled, recipe, args, args.work, args.dataset, samples)
+    jobs = [(m, p, b, s) for s in args.seeds for b in args.budgets for m in args.models
             for p in (["none"] if m == "rf" else args.pretrain)]
     for model, pre, budget, seed in jobs:
         if (args.dataset, model, pre, budget, seed, protocol_name(args)) in done:
