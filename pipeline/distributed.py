@@ -373,10 +373,11 @@ def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Pa
     from rasterio.windows import Window
 
     from .maps import MapWriter
-    from .predict import ROWS_PER_BLOCK, map_classes, site_grid, summary_of
+    from .predict import ROWS_PER_BLOCK, calibration_tags, map_classes, site_grid, summary_of
 
     rows = rows_per_block or ROWS_PER_BLOCK
     model_dir = Path(model_dir)
+    tags = {**(tags or {}), **calibration_tags(json.loads((model_dir / "config.json").read_text()))}
     model_key = sha256_path(model_dir / "model.safetensors") + sha256_path(model_dir / "config.json")
     jobs = [TileJob(Path(p).name.removesuffix(".zarr"), _key(PREDICT_TILE_VERSION, model_key, _stamp(p), site.model_dump(mode="json"),
                                                              rows, device),

@@ -28,14 +28,15 @@ import pandas as pd
 import rasterio
 
 from cropmap.models.forest import binned_features, make_forest
-from cropmap.models.metrics import summarize_runs
+from cropmap.models.calibration import summarize_calibration
+from cropmap.models.metrics import CLASS_SET_RULE, summarize_runs
 from cropmap.models.training import FitConfig
 
 from . import report as report_mod
 from . import season, transfer
 from .cube import open_cube, write_cube
 from .errors import StageError
-from .evaluate import metrics_for, predict_samples
+from .evaluate import calibration_of_seed, metrics_for, predict_samples
 from .fsio import atomic_path, write_json
 from .ingest.local import find_tile_files, read_label_raster, read_tile
 from .labels import tile_labels
@@ -45,7 +46,7 @@ from .pretrain import pretrain_encoder
 from .runner import Stage, StageContext
 from .samples import load_store, save_store
 from .sites import Legend, Site, load_legend
-from .splits import ParcelSplit, parcel_split
+from .splits import ParcelSplit, split_for
 from .stac import write_map_item
 from .tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from .train import as_series, class_table, encode_labels, train_model
@@ -53,12 +54,12 @@ from .train import as_series, class_table, encode_labels, train_model
 log = logging.getLogger(__name__)
 
 PROTOCOL = (
-    "Pixel-level metrics on the pixels of held-out parcels only. Parcels (connected regions of one "
-    "crop in the label raster) are split per class with a seeded shuffle: about {test:.0%} of each "
-    "class's parcels are held out for test (at least one), the rest train{val}; a class with a "
-    "single parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
+    "Split: {split}. Pixel-level metrics on the test pixels only. Parcels (connected regions of one "
+    "crop in the label raster) never straddle sides: about {test:.0%} of each "
+    "class's parcels are held out for test, the rest train{val}; a class without a test "
+    "parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
-    "macro F1 and mIoU average over the evaluated classes. The random forest baseline is trained "
+    "{class_rule}. The random forest baseline is trained "
     "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
     "model of seed {seed0}."
 )
@@ -229,7 +230,7 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         return p
 
     def split_indices(samples, split: ParcelSplit, seed: int) -> dict[str, np.ndarray]:
-        side = samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy()
+        side = split.row_sides(samples.table)
         rng = np.random.default_rng(seed)
         train = []
         for _, g in samples.table[side == "train"].groupby("parcel_id"):
@@ -272,7 +273,9 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
         tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
         report = {}
         for seed in tr.split_seeds:
-            split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
+            rows = samples.table[samples.table["parcel_id"].isin(parcels["parcel_id"])]
+            split = split_for(rows, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
+                              samples.class_names, parcels=parcels)
             idx = split_indices(samples, split, seed)
             cfg = fit_config(seed)
             init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
@@ -328,22 +331,31 @@ def build_stages(site: Site, year: int, *, device: str | None = None, epochs: in
     def evaluate(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
         models_dir, base_dir = ctx.upstream["train"]["models"], ctx.upstream["train"]["baselines"]
-        runs = []
+        runs, calibration = [], {}
         for seed in tr.split_seeds:
             mdir = models_dir / f"seed-{seed}"
             split = ParcelSplit.from_dict(json.loads((mdir / "split.json").read_text()))
-            test = np.nonzero(samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy() == "test")[0]
+            side = split.row_sides(samples.table)
+            test = np.nonzero(side == "test")[0]
             test_samples = samples.subset(test)
             evaluated = sorted({samples.class_names.get(int(c), str(c)) for c in test_samples.table["label"]})
             proba, meta, aligned = predict_samples(mdir, test_samples, device)
             model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+            val = np.nonzero(side == "val")[0]
+            cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if cal is not None:
+                calibration[f"seed-{seed}"] = cal
             base = pd.read_parquet(base_dir / f"forest-seed-{seed}.parquet")
             if list(base["sample_id"]) != list(test_samples.table["sample_id"]):
                 raise StageError(f"baseline predictions of seed {seed} do not match its test pixels", fix="rerun with --force")
             base_m = metrics_for(test_samples, base[[f"p{i}" for i in range(len(meta["classes"]))]].to_numpy(), meta["classes"], evaluated)
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
-                         "parcels_per_class": split.parcels_per_class, "model": model_m, "baseline": base_m})
+                         "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
+                         "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
+                         "model": model_m, "baseline": base_m})
         doc = _metrics_document(runs, tr, legend)
+        if calibration:
+            doc["calibration"] = summarize_calibration(calibration)
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},
                           baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
@@ -495,9 +507,11 @@ def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
     train_only = sorted({c for r in runs for c in r["train_only_classes"]})
     return {
         "protocol": PROTOCOL.format(
+            split=runs[0].get("split", "parcel-disjoint"), class_rule=CLASS_SET_RULE,
             test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
             val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
                  if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)")),
+        "split": runs[0].get("split", "parcel-disjoint"),
         "model": tr.model,
         "pretraining": tr.pretrain.method,
         **model,
