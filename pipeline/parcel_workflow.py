@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from cropmap.models.forest import binned_features, make_forest
 from cropmap.models.parcel_batch import ParcelSets
+from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.parcel_training import ParcelFitConfig
 from cropmap.models.series import Series
 
@@ -40,17 +41,16 @@ from .parcels import concat_parcels, load_parcel_store, polygon_parcel_samples, 
 from .predict import site_grid, tile_window
 from .runner import Stage, StageContext
 from .sites import Legend, Site
-from .splits import ParcelSplit, parcel_split
+from .splits import ParcelSplit, split_for
 from .train import class_table, encode_labels
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = (
-    "Parcel-level metrics: one prediction per held-out parcel. Parcels are split per class with a seeded shuffle: about "
-    "{test:.0%} of each class's parcels are held out for test (at least one), the rest train{val}; a class with a single "
+    "Split: {split} (a parcel's block is that of its centroid). Parcel-level metrics: one prediction per held-out parcel; about "
+    "{test:.0%} of each class's parcels are held out for test, the rest train{val}; a class without a test "
     "parcel is train-only and not evaluated. Model: {model} ({fusion} fusion, sensors {sensors}{exp}). Repeated over split "
-    "seeds {seeds}; figures are mean and sample standard deviation over the seeds; macro F1 and mIoU average over the "
-    "evaluated classes. The random forest baseline (30-day medians of the parcel-mean optical and radar series) is trained "
+    "seeds {seeds}; figures are mean and sample standard deviation over the seeds; {class_rule}. The random forest baseline (30-day medians of the parcel-mean optical and radar series) is trained "
     "and tested on the same parcels. The map is made with the model of seed {seed0}."
 )
 
@@ -135,7 +135,8 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
 
     def trained_parcels(samples) -> pd.DataFrame:
         t = samples.table
-        return t[t["tile"].isin(trained_ids)][["parcel_id", "label", "class_name"]]
+        cols = ["parcel_id", "label", "class_name", *(c for c in ("x", "y", "epsg") if c in t.columns)]
+        return t[t["tile"].isin(trained_ids)][cols]
 
     def parcel_train(ctx: StageContext) -> dict[str, str]:
         samples = load_parcel_store(ctx.upstream["parcel_tensors"]["samples"])
@@ -145,7 +146,9 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
         feats = parcel_mean_features(samples.sets)
         report = {}
         for seed in tr.split_seeds:
-            split = parcel_split(trained_parcels(samples), seed, tr.test_fraction, tr.val_fraction)
+            table = trained_parcels(samples)
+            split = split_for(table, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
+                              dict(zip(table["label"], table["class_name"])), parcels=table)
             side = {k: np.array(sorted(pos[p] for p, s in split.assignment.items() if s == k), np.int64) for k in ("train", "val", "test")}
             cfg = ParcelFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
                                   class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, patience=pc.patience,
@@ -246,14 +249,14 @@ def parcel_stages(site: Site, year: int, legend: Legend, *, tiles, mapped, train
             if list(base["parcel_id"]) != list(test_samples.table["parcel_id"]):
                 raise StageError(f"baseline predictions of seed {seed} do not match its test parcels", fix="rerun with --force")
             base_m = metrics_for(test_samples, base[[f"p{i}" for i in range(len(meta["classes"]))]].to_numpy(), meta["classes"], evaluated)
-            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
+            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only, "split": split.protocol,
                          "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
                          "model": model_m, "baseline": base_m})
         model, base = _summary([r["model"] for r in runs]), _summary([r["baseline"] for r in runs])
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
         doc = {
-            "protocol": PROTOCOL.format(test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,
+            "protocol": PROTOCOL.format(split=runs[0].get("split", "parcel-disjoint"), class_rule=CLASS_SET_RULE, test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,
                                         fusion=opts.fusion, sensors=opts.sensors, exp=exp,
                                         val=(f" (about {tr.val_fraction:.0%} held out for validation: best validation mIoU)" if tr.val_fraction > 0
                                              else f" for a fixed {n_epochs} epochs (no validation split)")),
