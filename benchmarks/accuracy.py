@@ -26,7 +26,7 @@ the site's augmentations, no validation split (fixed schedule), and are evaluate
 deterministically. The random forest (500 trees, depth 25, 30-day median features) trains on the
 same samples. "moco" rows fine-tune the whole model from a MoCo encoder pre-trained *per seed*
 (``--pretrain-per-seed``, the default; seed = the split seed) on unlabelled series of the dataset,
-with shuffle-BN (:mod:`cropmap.models.moco`). Pre-training sees the test series' *values* but
+with shuffle-BN (:mod:`cropmap.models.pretrain.moco`). Pre-training sees the test series' *values* but
 never a label (the setting of mapping a site: all its pixels are unlabelled input). Both the
 "moco" and the "none" rows of a seed normalise with the same statistics: those of the seed's
 training-side series (train-only; the budget does not change them), so the measured gain is the
@@ -55,15 +55,14 @@ import pandas as pd
 import torch
 
 from cropmap.models.forest import binned_features, make_forest
-from cropmap.models.metrics import label_metrics
-from cropmap.models.moco import MoCoConfig
+from cropmap.models.pretrain.moco import MoCoConfig
 from cropmap.models.series import band_statistics
 from cropmap.models.training import FitConfig, predict_proba
-from cropmap.pipeline.pretrain import pretrain_encoder
+from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
+from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
 from cropmap.pipeline.samples import PixelSamples, load_store, read_long_table
 from cropmap.pipeline.sites import Training
 from cropmap.pipeline.splits import assign_blocks
-from cropmap.pipeline.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -75,9 +74,9 @@ MODELS = ["stnet", "transformer", "ltae", "tempcnn", "lstm", "inceptiontime"]
 def demo_dataset(cache: Path) -> tuple[PixelSamples, PixelSamples, dict]:
     """(labelled pixels, unlabelled pixels, site recipe) of the demo site, built once into ``cache``."""
     from cropmap.pipeline.cube import open_cube
+    from cropmap.pipeline.levels.pixel.tensors import concat_samples, unlabelled_samples
     from cropmap.pipeline.runner import Runner
     from cropmap.pipeline.sites import load_site
-    from cropmap.pipeline.tensors import concat_samples, unlabelled_samples
     from cropmap.pipeline.workflow import build_stages
 
     site = load_site("demo")
@@ -169,8 +168,8 @@ def spatial_split(samples: PixelSamples, seed: int, recipe: dict, block_size_m: 
 # --- runs -----------------------------------------------------------------------------------
 
 def evaluate(samples: PixelSamples, test: np.ndarray, proba: np.ndarray, classes: list[dict]) -> dict:
-    """The runs' metrics (:func:`cropmap.pipeline.evaluate.metrics_for`, one implementation and class-set rule)."""
-    from cropmap.pipeline.evaluate import metrics_for
+    """The runs' metrics (:func:`cropmap.pipeline.levels.pixel.evaluate.metrics_for`, one implementation and class-set rule)."""
+    from cropmap.pipeline.levels.pixel.evaluate import metrics_for
 
     m = metrics_for(samples.subset(test), proba, classes)
     return {k: round(float(m[k]), 4) for k in ("overall_accuracy", "kappa", "macro_f1", "weighted_f1")}

@@ -4,13 +4,13 @@ Usage:  python benchmarks/memory_scaling.py [--tile-px 256] [--base 1] [--s2-dat
                                             [--modes single dask] [--json benchmarks/results/memory_scaling.json]
 
 For each scale k in 1, 4, 16 it generates a synthetic site of ``k * base`` tiles of ``--tile-px``
-pixels (:mod:`cropmap.regions.synthetic`, on one UTM grid, square layout) and maps it in a fresh
+pixels (:mod:`cropmap.pipeline.synthetic`, on one UTM grid, square layout) and maps it in a fresh
 child process (``python memory_scaling.py --child ...``), so every measurement starts from the
 same imports:
 
-* ``single``: :func:`cropmap.pipeline.predict.predict_site` (row blocks into the MapWriter, then
+* ``single``: :func:`cropmap.pipeline.levels.pixel.predict.predict_site` (row blocks into the MapWriter, then
   overviews + COG); peak RSS = the child's ``ru_maxrss``;
-* ``dask``: :func:`cropmap.pipeline.distributed.predict_site_distributed` on a LocalCluster of 1
+* ``dask``: :func:`cropmap.pipeline.levels.pixel.distributed.predict_site_distributed` on a LocalCluster of 1
   worker process; the parent's peak RSS (it merges the parts into the map) and the worker's
   (``RUSAGE_CHILDREN`` after the cluster is closed: the largest of the nanny and worker processes).
 
@@ -39,8 +39,8 @@ def make_site(root: Path, tiles: int, a):
     from throughput import model_dir
 
     from cropmap.pipeline.cube import open_cube
-    from cropmap.pipeline.tensors import cube_bands
-    from cropmap.regions.synthetic import make_synthetic_site
+    from cropmap.pipeline.levels.pixel.tensors import cube_bands
+    from cropmap.pipeline.synthetic import make_synthetic_site
 
     side = int(math.isqrt(tiles))
     site = make_synthetic_site(root, tiles_x=side, tiles_y=tiles // side, tile_px=a.tile_px, s2_dates=a.s2_dates, s1_dates=a.s1_dates)
@@ -57,11 +57,11 @@ def child(a) -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if a.mode == "single":
-        from cropmap.pipeline.predict import predict_site
+        from cropmap.pipeline.levels.pixel.predict import predict_site
 
         predict_site(site.site(), site.legend(), cubes, model, out / "crops.tif", out / "conf.tif", device="cpu")
     else:
-        from cropmap.pipeline import distributed as D
+        from cropmap.pipeline.levels.pixel import distributed as D
 
         with D.cluster_client(D.cluster_spec(1)) as client:
             D.predict_site_distributed(site.site(), site.legend(), cubes, model, out / "crops.tif", out / "conf.tif", client=client,

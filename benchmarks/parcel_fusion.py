@@ -33,10 +33,10 @@ FOREST = ("random forest", "forest", "s1+s2")  # the run's baseline: 30-day medi
 def forest_metrics(samples, train, test, opts, seed: int) -> dict:
     """The baseline of ``cropmap run --level parcel`` on the same split and date experiment."""
     from cropmap.models.forest import make_forest
-    from cropmap.pipeline.evaluate import metrics_for
-    from cropmap.pipeline.parcel_train import experiment_sets
-    from cropmap.pipeline.parcel_workflow import parcel_mean_features
-    from cropmap.pipeline.train import class_table, encode_labels
+    from cropmap.pipeline.levels.parcel.stages import parcel_mean_features
+    from cropmap.pipeline.levels.parcel.train import experiment_sets
+    from cropmap.pipeline.levels.pixel.evaluate import metrics_for
+    from cropmap.pipeline.levels.pixel.train import class_table, encode_labels
 
     feats = parcel_mean_features(experiment_sets(samples, opts, seed))
     classes = class_table(samples, train)
@@ -48,7 +48,7 @@ def forest_metrics(samples, train, test, opts, seed: int) -> dict:
 
 
 def demo_parcels(cache: Path):
-    from cropmap.pipeline.parcels import load_parcel_store
+    from cropmap.pipeline.levels.parcel.parcels import load_parcel_store
     from cropmap.pipeline.runner import Runner
     from cropmap.pipeline.sites import load_site
     from cropmap.pipeline.workflow import build_stages
@@ -69,8 +69,8 @@ def rpg2023_parcels(path: Path, mapping: Path, min_count: int = 10):
     at least ``min_count`` parcels, as in ``benchmarks/accuracy.py --dataset rpg2023``."""
     import pandas as pd
 
-    from cropmap.models.parcel_batch import ParcelSets, SensorSets
-    from cropmap.pipeline.parcels import ParcelSamples
+    from cropmap.models.parcel.batch import ParcelSets, SensorSets
+    from cropmap.pipeline.levels.parcel.parcels import ParcelSamples
 
     groups = json.loads(mapping.read_text())["CROPTYPE_INSEASON_FRANCE"]
     df = pd.read_parquet(path)
@@ -122,8 +122,8 @@ def main() -> None:
 
     import torch
 
-    from cropmap.models.parcel_training import ParcelFitConfig
-    from cropmap.pipeline.parcel_train import ParcelOptions, evaluate_parcel_model, train_parcel_model
+    from cropmap.models.parcel.training import ParcelFitConfig
+    from cropmap.pipeline.levels.parcel.train import ParcelOptions, evaluate_parcel_model, train_parcel_model
     from cropmap.pipeline.splits import parcel_split
 
     torch.set_num_threads(args.threads or torch.get_num_threads())

@@ -34,8 +34,8 @@ def main() -> None:
     import torch
     from parcel_fusion import demo_parcels
 
-    from cropmap.models.parcel_training import ParcelFitConfig
-    from cropmap.pipeline.parcel_train import ParcelOptions, evaluate_parcel_model, train_parcel_model
+    from cropmap.models.parcel.training import ParcelFitConfig
+    from cropmap.pipeline.levels.parcel.train import ParcelOptions, evaluate_parcel_model, train_parcel_model
     from cropmap.pipeline.splits import parcel_split
 
     torch.set_num_threads(args.threads or torch.get_num_threads())

@@ -51,9 +51,9 @@ STCLN_OPTS = {"conv_dim": 16, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff"
 
 def demo_patches(background_size: int = 16):
     from cropmap.pipeline.ingest.local import read_label_raster, read_tile
-    from cropmap.pipeline.labels import tile_labels
-    from cropmap.pipeline.patches import concat_patches, cut_patches, tile_composite
+    from cropmap.pipeline.levels.patch.patches import concat_patches, cut_patches, tile_composite
     from cropmap.pipeline.sites import load_legend, load_site
+    from cropmap.pipeline.stages.labels import tile_labels
 
     site = load_site("demo")
     legend = load_legend(site.legend)
@@ -80,10 +80,10 @@ def append(row: dict) -> None:
 
 
 def accuracy(args) -> None:
-    from cropmap.models.masked import MaskedConfig
-    from cropmap.models.patch_training import PatchFitConfig
-    from cropmap.pipeline.patch_train import evaluate_patch_model, pretrain_patch_encoder, train_patch_model
-    from cropmap.pipeline.patches import budget_patches, concat_patches, cut_patches, netcdf_composite, patch_split
+    from cropmap.models.patch.training import PatchFitConfig
+    from cropmap.models.pretrain.masked import MaskedConfig
+    from cropmap.pipeline.levels.patch.patches import budget_patches, concat_patches, cut_patches, netcdf_composite, patch_split
+    from cropmap.pipeline.levels.patch.train import evaluate_patch_model, pretrain_patch_encoder, train_patch_model
 
     ps = demo_patches()
     done = done_keys()
@@ -159,7 +159,7 @@ def sta_inputs(size: int, t: int = 24, d: int = 32):
 
 def rss_child(size: int) -> None:
     """Run in a fresh process: peak RSS growth (KiB) of one windowed STA forward + backward."""
-    from cropmap.models.stcln import STAHead
+    from cropmap.models.patch.stcln import STAHead
 
     torch.set_num_threads(1)
     head = STAHead(32, 16, 7, 4, 8)
@@ -178,8 +178,8 @@ def vm_hwm_kib() -> int:
 
 
 def memory(args) -> None:
-    from cropmap.models.patch_registry import build_patch_model
-    from cropmap.models.stcln import STAHead
+    from cropmap.models.patch.checkpoint import build_patch_model
+    from cropmap.models.patch.stcln import STAHead
 
     done = done_keys()
     for size in (16, 32, 64, 128):

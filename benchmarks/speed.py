@@ -103,7 +103,7 @@ def measure(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=model_names())
+    ap.add_argument("--models", nargs="+", default=model_names("pixel"))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--length", type=int, default=48)
     ap.add_argument("--bands", type=int, default=12)

@@ -3,7 +3,7 @@
 Usage:  python benchmarks/throughput.py [--tile-px 128] [--s2-dates 36] [--s1-dates 30] [--threads 1] [--models ...]
                                         [--json benchmarks/results/throughput.json]
 
-On one generated tile of the state-like synthetic site (:mod:`cropmap.regions.synthetic`, the
+On one generated tile of the state-like synthetic site (:mod:`cropmap.pipeline.synthetic`, the
 ingest stage's zarr format; 36 Sentinel-2 and 30 Sentinel-1 dates by default, like a season of
 raw acquisitions) it measures, in one process with ``--threads`` torch threads:
 
@@ -12,7 +12,7 @@ raw acquisitions) it measures, in one process with ``--threads`` torch threads:
 * **read + series**: reading plus :func:`cube_series` in the predict stage's row blocks (merging
   optical and radar dates, dropping cloudy ones): the most any model can map on this machine;
 * per model, **predict**: the predict stage's own per-block code
-  (:class:`cropmap.pipeline.predict.TilePredictor`, untrained weights: the cost does not depend on
+  (:class:`cropmap.pipeline.levels.pixel.predict.TilePredictor`, untrained weights: the cost does not depend on
   them) in pixels/s; its FLOPs per pixel (``torch.utils.flop_counter``, interleaved views
   included) give GFLOP/s and the fraction of the matmul limit; pixels/s over "read + series" is
   the fraction of the I/O limit;
@@ -42,9 +42,9 @@ from speed import matmul_gflops  # noqa: E402
 from cropmap.models.checkpoint import save_model  # noqa: E402
 from cropmap.models.registry import build_model, model_names  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
-from cropmap.pipeline.predict import ROWS_PER_BLOCK, TilePredictor  # noqa: E402
-from cropmap.pipeline.tensors import cube_bands, cube_series  # noqa: E402
-from cropmap.regions.synthetic import CLASSES, make_synthetic_site  # noqa: E402
+from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor  # noqa: E402
+from cropmap.pipeline.levels.pixel.tensors import cube_bands, cube_series  # noqa: E402
+from cropmap.pipeline.synthetic import CLASSES, make_synthetic_site  # noqa: E402
 
 
 def timed(fn, min_seconds: float) -> tuple[float, int]:
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-seconds", type=float, default=3.0)
-    ap.add_argument("--models", nargs="+", default=model_names())
+    ap.add_argument("--models", nargs="+", default=model_names("pixel"))
     ap.add_argument("--merge-px", type=int, default=2048, help="Side of the map the merge is measured on.")
     ap.add_argument("--work", type=Path, default=None, help="Where the generated tile goes (default: a temporary folder).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here (input of iowa_projection.py).")
@@ -143,9 +143,9 @@ def main() -> None:
     # the distributed parent's serial share: part -> MapWriter, then overviews + COG
     from rasterio.windows import Window
 
-    from cropmap.pipeline.distributed import TileJob, TileLedger, predict_tile, run_tiled
-    from cropmap.pipeline.maps import MapWriter
-    from cropmap.pipeline.predict import map_classes, site_grid
+    from cropmap.pipeline.levels.pixel.distributed import TileJob, TileLedger, predict_tile, run_tiled
+    from cropmap.pipeline.levels.pixel.predict import map_classes, site_grid
+    from cropmap.pipeline.stages.maps import MapWriter
 
     ledger = TileLedger(work / "parts", ".tif")
     name = "tempcnn" if "tempcnn" in a.models else a.models[0]

@@ -16,7 +16,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .registry import model_from_config
+from cropmap.models.registry import model_from_config
 
 FORMAT = "cropmap.model/1"
 ENCODER_FORMAT = "cropmap.encoder/1"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 
-from .series import Series
+from cropmap.models.series import Series
 
 DEFAULT_EDGES = np.arange(-150, 366 + 30, 30, dtype=np.float32)
 

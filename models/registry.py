@@ -1,39 +1,57 @@
-"""Model registry: a name -> a network built from the data's bands, classes and statistics.
+"""The one model registry: every network of the project by name, with its level.
 
-Every model takes the batch convention of :mod:`cropmap.models.series` (``x``, ``present``,
-``days``, ``mask``) and returns class logits, so training, prediction and checkpoints are
-model-agnostic. Registered names:
+=============  ======  =====================================================================
+name           level   model
+=============  ======  =====================================================================
+stnet          pixel   STNet, the SITS-MoCo encoder with cloud-aware pooling (:mod:`.pixel.stnet`)
+transformer    pixel   transformer encoder with masked mean pooling (:mod:`.pixel.transformer`)
+ltae           pixel   Lightweight Temporal Attention Encoder (:mod:`.pixel.ltae`)
+tempcnn        pixel   TempCNN, temporal convolutions (:mod:`.pixel.tempcnn`)
+lstm           pixel   stacked LSTM (:mod:`.pixel.lstm`)
+inceptiontime  pixel   InceptionTime (:mod:`.pixel.inceptiontime`)
+psetae         parcel  PSE-TAE with optical + radar fusion variants (:mod:`.parcel.fusion`)
+stcln          patch   STCLN, windowed spatiotemporal attention, masked pre-training (:mod:`.patch.stcln`)
+utae           patch   U-TAE, the published reference (:mod:`.patch.utae`)
+=============  ======  =====================================================================
 
-* ``stnet`` - STNet, the SITS-MoCo encoder with cloud-aware pooling (:mod:`.stnet`);
-* ``transformer`` - transformer encoder with masked mean pooling (:mod:`.transformer`);
-* ``ltae`` - Lightweight Temporal Attention Encoder (:mod:`.ltae`);
-* ``tempcnn`` - TempCNN, temporal convolutions (:mod:`.tempcnn`);
-* ``lstm`` - stacked LSTM (:mod:`.lstm`);
-* ``inceptiontime`` - InceptionTime (:mod:`.inceptiontime`).
-
-A builder takes ``bands``, ``n_classes``, ``mean``, ``std`` and the model's hyper-parameters
-as keyword options (an unknown option raises TypeError or ValueError) and returns the module
-and its config as plain types; :func:`model_from_config` rebuilds the module from that
-config. Every model has ``encode(x, present, days, mask) -> (B, D)`` and a ``decoder``
-submodule mapping that embedding to logits (``D`` is ``embed_dim``, or ``config.d_model``
-for STNet). The random-forest baseline (:mod:`cropmap.models.forest`) is not a network and
-is not registered here.
+Pixel and patch builders take ``bands``, ``n_classes``, ``mean``, ``std`` and the model's
+hyper-parameters as keyword options (an unknown option raises TypeError or ValueError) and return
+the module and its config as plain types; the parcel builder takes the parcel model config (fusion,
+sensors, channels, ...). :func:`model_from_config` rebuilds any module from its saved config.
+Pixel models take the batch convention of :mod:`cropmap.models.series` and expose
+``encode(x, present, days, mask) -> (B, D)`` and a ``decoder``. Adding a model: its module beside
+the others of its level and one entry in :data:`MODELS`. The random-forest baseline
+(:mod:`cropmap.models.forest`) is not a network and is not registered here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .base import PixelClassifier
-from .inceptiontime import InceptionTime
-from .lstm import LSTMClassifier
-from .ltae import LTAE
-from .stnet import STNet, STNetConfig
-from .tempcnn import TempCNN
-from .transformer import PixelTransformer
+from .parcel.fusion import build_parcel_model
+from .patch.stcln import STCLN, STCLNConfig
+from .patch.utae import UTAE, UTAEConfig
+from .pixel.inceptiontime import InceptionTime
+from .pixel.lstm import LSTMClassifier
+from .pixel.ltae import LTAE
+from .pixel.stnet import STNet, STNetConfig
+from .pixel.tempcnn import TempCNN
+from .pixel.transformer import PixelTransformer
+
+LEVELS = ("pixel", "parcel", "patch")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    level: str  # "pixel", "parcel" or "patch"
+    build: Callable[..., Any]  # pixel/patch: (**kw) -> (module, config); parcel: (config) -> module
+    rebuild: Callable[[dict], nn.Module]  # saved config -> module
 
 
 def _stnet(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **kw: Any) -> tuple[nn.Module, dict]:
@@ -41,42 +59,57 @@ def _stnet(*, bands: list[str], n_classes: int, mean: list[float], std: list[flo
     return STNet.from_config(cfg), cfg.to_dict()
 
 
-def _stnet_from(cfg: dict) -> nn.Module:
-    return STNet.from_config(cfg)
-
-
-def _zoo(cls: type[PixelClassifier]) -> tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]:
-    """Builder and rebuilder of a :class:`~.transformer.PixelClassifier` subclass."""
+def _zoo(name: str, cls: type[PixelClassifier]) -> ModelSpec:
+    """Spec of a :class:`~.base.PixelClassifier` subclass."""
 
     def build(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **kw: Any) -> tuple[nn.Module, dict]:
         model = cls(len(bands), n_classes, band_names=list(bands), mean=list(mean), std=list(std), **kw)
         return model, model.config.to_dict()
 
-    return build, cls.from_config
+    return ModelSpec(name, "pixel", build, cls.from_config)
 
 
-_BUILDERS: dict[str, tuple[Callable[..., tuple[nn.Module, dict]], Callable[[dict], nn.Module]]] = {
-    "stnet": (_stnet, _stnet_from),
-    "transformer": _zoo(PixelTransformer),
-    "ltae": _zoo(LTAE),
-    "tempcnn": _zoo(TempCNN),
-    "lstm": _zoo(LSTMClassifier),
-    "inceptiontime": _zoo(InceptionTime),
-}
+def _patch(name: str, cls: type, cfg_cls: type) -> ModelSpec:
+    def build(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **options: Any) -> tuple[nn.Module, dict]:
+        cfg = cfg_cls.from_dict({"n_bands": len(bands), "n_classes": n_classes, "band_names": list(bands), "mean": list(mean),
+                                 "std": list(std), **options})
+        return cls(cfg), cfg.to_dict()
+
+    return ModelSpec(name, "patch", build, cls.from_config)
 
 
-def model_names() -> list[str]:
-    return sorted(_BUILDERS)
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("stnet", "pixel", _stnet, STNet.from_config),
+    _zoo("transformer", PixelTransformer),
+    _zoo("ltae", LTAE),
+    _zoo("tempcnn", TempCNN),
+    _zoo("lstm", LSTMClassifier),
+    _zoo("inceptiontime", InceptionTime),
+    ModelSpec("psetae", "parcel", build_parcel_model, build_parcel_model),
+    _patch("stcln", STCLN, STCLNConfig),
+    _patch("utae", UTAE, UTAEConfig),
+)}
+
+
+def model_names(level: str | None = None) -> list[str]:
+    """Registered names, of one level or of all."""
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}")
+    return sorted(n for n, s in MODELS.items() if level is None or s.level == level)
+
+
+def level_of(name: str) -> str:
+    """The level of model ``name`` (KeyError for an unknown name)."""
+    return MODELS[name].level
 
 
 def build_model(name: str, **kwargs: Any) -> tuple[nn.Module, dict]:
-    """Build model ``name``; returns the module and its config (plain types, for the checkpoint)."""
-    if name not in _BUILDERS:
-        raise KeyError(name)
-    return _BUILDERS[name][0](**kwargs)
+    """Build pixel or patch model ``name``; returns the module and its config (plain types, for the checkpoint)."""
+    spec = MODELS[name]
+    if spec.level == "parcel":
+        raise KeyError(f"{name} is a parcel model: build it from its parcel config (cropmap.models.parcel.fusion)")
+    return spec.build(**kwargs)
 
 
 def model_from_config(name: str, config: dict) -> nn.Module:
-    if name not in _BUILDERS:
-        raise KeyError(name)
-    return _BUILDERS[name][1](config)
+    return MODELS[name].rebuild(config)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ddp
-from .metrics import classification_metrics
-from .series import Augment, Series, interleaved_views, make_batch, missing_band_patterns, pad_batch
+from cropmap.models import ddp
+from cropmap.models.metrics import classification_metrics
+from cropmap.models.series import Augment, Series, interleaved_views, make_batch, missing_band_patterns, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,27 @@ LOSSES = ("ce", "focal")
 
 
 @dataclass
-class FitConfig:
+class LoopConfig:
+    """What every training loop here is configured by; each level's config adds its own fields and defaults
+    (:class:`FitConfig` pixels, :class:`~cropmap.models.parcel.training.ParcelFitConfig`,
+    :class:`~cropmap.models.patch.training.PatchFitConfig`)."""
+
     epochs: int = 40
     batch_size: int = 256
     lr: float = 1e-3
-    weight_decay: float = 1e-4
-    max_len: int = 64
-    patience: int = 10
     seed: int = 0
     device: str = "cpu"
     class_weighting: str = "sqrt"
     """``sqrt`` (inverse square-root frequency), ``balanced`` (inverse frequency) or ``none``."""
+
+
+@dataclass
+class FitConfig(LoopConfig):
+    """The pixel models' training (:func:`fit`)."""
+
+    weight_decay: float = 1e-4
+    max_len: int = 64
+    patience: int = 10
     loss: str = "ce"
     """``ce`` (cross-entropy) or ``focal`` (focal loss, ``focal_gamma``; as in PSE-TSA)."""
     focal_gamma: float = 1.0
@@ -78,6 +88,34 @@ def resolve_device(device: str | None) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA was requested but torch sees no CUDA device")
     return device
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None,
+                   params: Iterable[torch.nn.Parameter] | None = None) -> float:
+    """One optimisation step of every training loop here (pixel, parcel, patch, MoCo, masked): zero the
+    gradients, backpropagate ``loss``, clip the gradient norm of ``params`` to ``clip`` when given, step.
+    Returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return loss.item()
+
+
+class RunningMean:
+    """Sample-weighted mean of per-batch losses over an epoch."""
+
+    def __init__(self) -> None:
+        self.total, self.n = 0.0, 0
+
+    def add(self, value: float, n: int) -> None:
+        self.total += value * n
+        self.n += n
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.n, 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -293,7 +331,7 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
     for epoch in range(start_epoch, cfg.epochs + 1):
         set_train_mode(model, cfg.freeze_encoder)
         order = ddp.shard(np.arange(len(train)), epoch, cfg.seed, dctx) if dctx.enabled else rng.permutation(len(train))
-        total, n = 0.0, 0
+        running = RunningMean()
         for idx, batch in prefetch(batches(order)):
             with autocast(device, cfg.amp):
                 try:
@@ -304,17 +342,12 @@ def fit(model: nn.Module, train: Series, y_train: np.ndarray, mean: np.ndarray, 
                     log.warning("compiled model failed (%s: %s); training in eager mode", type(exc).__name__, exc)
                     step_model = eager
                     logits = eager(**batch)
-            loss = loss_fn(logits.float(), y_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
+            running.add(optimizer_step(opt, loss_fn(logits.float(), y_t[idx])), len(idx))
             if on_batch and dctx.is_main:
                 on_batch(len(idx) * dctx.world_size)
         sched.step()
         ddp.sync_buffers(model)
-        total, n = ddp.sum_over_ranks(total, n)
+        total, n = ddp.sum_over_ranks(running.total, running.n)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
         if val is not None and len(val) and y_val is not None:
             stats = None

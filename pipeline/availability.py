@@ -16,8 +16,8 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import CropmapError, NotReadyError
-from .sites import Site
+from cropmap.pipeline.errors import CropmapError, NotReadyError
+from cropmap.pipeline.sites import Site
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class YearStatus:
 
 
 def _local_status(site: Site, year: int) -> YearStatus:
-    from .ingest.local import find_tile_files
+    from cropmap.pipeline.ingest.local import find_tile_files
 
     tiles = [t for t in site.local.tiles if t.year == year]
     if not tiles:
@@ -46,8 +46,8 @@ def _local_status(site: Site, year: int) -> YearStatus:
 
 def published_cdl_years(site: Site) -> set[int]:
     """The CDL years Earth Engine lists (needs credentials and network)."""
-    from .ingest.gee import builders as b
-    from .ingest.gee.source import make_client
+    from cropmap.pipeline.ingest.gee import builders as b
+    from cropmap.pipeline.ingest.gee.source import make_client
 
     return {int(str(i)[:4]) for i in make_client(site).get_info(b.cdl_year_ids()) if str(i)[:4].isdigit()}
 

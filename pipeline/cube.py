@@ -18,6 +18,7 @@ Bands missing from an export are kept in the cube as all-no-data layers (and nam
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
-from .errors import DataError
-from .fsio import atomic_path
+from cropmap.pipeline.errors import DataError
+from cropmap.pipeline.fsio import atomic_path
 
 S2_SCALE = 1e-4
 
@@ -79,3 +80,35 @@ def s2_reflectance(cube: xr.Dataset) -> np.ndarray:
     refl[dn == 0] = np.nan
     refl[~np.broadcast_to(cube["s2_clear"].values[:, None], refl.shape)] = np.nan
     return refl
+
+
+def day_offsets(times: np.ndarray, year: int) -> np.ndarray:
+    """Whole days since 1 January of ``year`` (negative before it)."""
+    t = np.asarray(times).astype("datetime64[D]")
+    return (t - np.datetime64(f"{year}-01-01", "D")).astype(np.int64)
+
+
+def cube_bands(cube: xr.Dataset) -> list[str]:
+    return [*cube.attrs["bands_s2"], *cube.attrs["bands_s1"]]
+
+
+def composite_s1(s1: np.ndarray, days: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average radar backscatter over ``window``-day bins, in linear power (never in dB).
+
+    ``s1`` (T, C, P) in dB with NaN; returns (T', C, P) in dB and each bin's mean acquisition day
+    (rounded). Averaging the acquisitions of one 12-day repeat cycle suppresses speckle.
+    """
+    if window <= 1 or len(days) == 0:
+        return s1, days
+    bins = (days - days.min()) // window
+    uniq = np.unique(bins)
+    out = np.full((len(uniq), *s1.shape[1:]), np.nan, dtype=np.float32)
+    out_days = np.zeros(len(uniq), dtype=days.dtype)
+    power = np.power(10.0, s1.astype(np.float64) / 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
+        for k, b in enumerate(uniq):
+            sel = bins == b
+            out[k] = (10.0 * np.log10(np.nanmean(power[sel], axis=0))).astype(np.float32)
+            out_days[k] = int(round(float(days[sel].mean())))
+    return out, out_days

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from cropmap.pipeline.errors import OutputError
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -134,3 +134,14 @@ def link_output(src: Path, dst: Path) -> None:
     else:
         with atomic_path(dst) as tmp:
             one(src, tmp)
+
+
+def store_format(path: Path) -> str | None:
+    """The ``format`` of the sample store or model directory at ``path`` (its ``meta.json``), or None."""
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LockError, OutputError
+from cropmap.pipeline.errors import LockError, OutputError
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import versions
-from .availability import resolve_auto_year
-from .errors import CropmapError
-from .fsio import ensure_writable_dir
-from .lock import run_lock
-from .runner import load_manifest
-from .sites import Site
-from .transfer import previous_models
-from .versions import Plan, publish, runs_table, year_dir
+from cropmap.pipeline import versions
+from cropmap.pipeline.availability import resolve_auto_year
+from cropmap.pipeline.errors import CropmapError
+from cropmap.pipeline.fsio import ensure_writable_dir
+from cropmap.pipeline.levels.pixel.transfer import previous_models
+from cropmap.pipeline.lock import run_lock
+from cropmap.pipeline.runner import load_manifest
+from cropmap.pipeline.sites import Site
+from cropmap.pipeline.versions import Plan, publish, runs_table, year_dir
 
 __all__ = ["resolve_year", "run_options", "run_dir", "locked", "publish", "list_runs", "previous_map", "RunOptions", "Plan"]
 
@@ -58,7 +58,7 @@ class RunOptions:
 
 def run_options(site: Site, year: int, out: Path, *, until: str | None = None, transfer: str | None = None,
                 level: str | None = None) -> RunOptions:
-    from .season import parse_until
+    from cropmap.pipeline.season import parse_until
 
     mode = transfer or site.training.transfer
     if mode not in ("none", "previous-year"):

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import cropmap
-
-from .errors import CropmapError, StageError
-from .fsio import ensure_writable_dir, link_output, sha256_path, write_json
+from cropmap.pipeline.errors import CropmapError, StageError
+from cropmap.pipeline.fsio import ensure_writable_dir, link_output, sha256_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,8 @@ import numpy as np
 import pandas as pd
 
 from cropmap.models.series import ragged_rows
-
-from .errors import SamplesError
-from .fsio import atomic_path
+from cropmap.pipeline.errors import SamplesError
+from cropmap.pipeline.fsio import atomic_path, store_format
 
 STORE_FORMAT = "cropmap.pixel-samples/1"
 RESERVED = {"sample_id", "date", "doy", "label", "split", "parcel_id", "x", "y", "epsg", "season_year", "tile"}
@@ -79,6 +78,30 @@ def from_ragged(bands, values, days, lengths, table, class_names=None) -> PixelS
 
 
 # ---------------------------------------------------------------- store (directory of arrays)
+def is_pixel_store(path: Path) -> bool:
+    return store_format(path) == STORE_FORMAT
+
+
+def concat_samples(parts: list[PixelSamples]) -> PixelSamples:
+    if not parts:
+        raise ValueError("no samples to concatenate")
+    bands = parts[0].bands
+    for p in parts[1:]:
+        if p.bands != bands:
+            raise ValueError(f"band lists differ: {bands} vs {p.bands}")
+    names: dict = {}
+    for p in parts:
+        names.update(p.class_names)
+    return from_ragged(
+        bands,
+        np.concatenate([np.asarray(p.values) for p in parts]),
+        np.concatenate([np.asarray(p.days) for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        pd.concat([p.table for p in parts], ignore_index=True),
+        names,
+    )
+
+
 def save_store(samples: PixelSamples, path: Path) -> Path:
     """Write a sample store directory atomically."""
     with atomic_path(Path(path), is_dir=True) as tmp:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CropmapError
+from cropmap.pipeline.errors import CropmapError
 
 DEFAULT_AT = "0 6 * * 1"  # Mondays 06:00
 KINDS = ("cron", "systemd", "kubernetes")
@@ -162,7 +162,7 @@ def install_cron(entry: str, site: str, run: Runner = subprocess.run) -> str:
 def install_systemd(units: dict[str, str], site: str, unit_dir: Path | None = None, run: Runner = subprocess.run) -> list[str]:
     """Write the user units and enable the timer; returns what was done."""
     unit_dir = Path(unit_dir or Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd" / "user")
-    from .fsio import ensure_writable_dir, write_text
+    from cropmap.pipeline.fsio import ensure_writable_dir, write_text
 
     ensure_writable_dir(unit_dir)
     done = []

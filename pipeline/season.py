@@ -13,7 +13,7 @@ import re
 import numpy as np
 import xarray as xr
 
-from .errors import CropmapError, DataError
+from cropmap.pipeline.errors import CropmapError, DataError
 
 
 def parse_until(text: str | None) -> tuple[int, int] | None:

@@ -16,9 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cropmap.pipeline.errors import SiteError
 from cropmap.regions import LEGENDS_DIR, REGIONS_DIR, SITES_DIR
-
-from .errors import SiteError
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
@@ -132,7 +131,7 @@ class Pretrain(_Strict):
     """Fine-tune only the classifier head on the pre-trained encoder (else the whole model)."""
 
     def moco_config(self, device: str | None = None, seed: int = 0):
-        from cropmap.models.moco import MoCoConfig
+        from cropmap.models.pretrain.moco import MoCoConfig
 
         return MoCoConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
                           queue_size=self.queue_size, momentum=self.momentum, temperature=self.temperature,
@@ -197,7 +196,7 @@ class ParcelTraining(_Strict):
     alignment: Literal["nn", "linear"] = "nn"
     """S1 -> S2 date alignment of early and PSE fusion: nearest unused date or linear interpolation."""
     s2_date_fraction: float | None = Field(default=None, gt=0, le=1)
-    until: str | None = Field(default=None, pattern=r"^\d\d-\d\d$")
+    until: str | None = Field(default=None, pattern=r"^(\d{4}-)?\d\d-\d\d$")
     """Early-season experiment: series end at this MM-DD of the season year."""
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=16, ge=2)
@@ -259,7 +258,7 @@ class PatchTraining(_Strict):
     window: int = Field(default=32, ge=4)
     """Prediction: side of the sliding windows."""
     overlap: int = Field(default=16, ge=0)
-    """Prediction: overlap of neighbouring windows (each keeps its core, see pipeline/patch_predict.py)."""
+    """Prediction: overlap of neighbouring windows (each keeps its core, see pipeline/levels/patch/predict.py)."""
     pretrain: PatchPretrain = Field(default_factory=PatchPretrain)
 
     @model_validator(mode="after")

@@ -81,7 +81,7 @@ class ParcelSplit:
         """The side of each row (pixel) of ``table``: its parcel's side, except ``"excluded"`` for a
         pixel lying in a block of another side (spatial splits); "none" for parcels outside the split."""
         side = self.sides(table["parcel_id"].to_numpy())
-        if not self.block_size_m or not self.block_sides:
+        if not self.block_size_m or not self.block_sides or not {"x", "y"} <= set(table.columns):
             return side
         xm, ym = metric_xy(table["x"].to_numpy(), table["y"].to_numpy(), self.epsg)
         bx, by = block_keys(xm, ym, self.block_size_m)

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import cropmap
-
-from .errors import OutputError, SiteError
-from .fsio import write_json
-from .lock import LOCK_NAME
-from .runner import MANIFEST, Stage, _file_fingerprint, load_manifest
+from cropmap.pipeline.errors import OutputError, SiteError
+from cropmap.pipeline.fsio import write_json
+from cropmap.pipeline.lock import LOCK_NAME
+from cropmap.pipeline.runner import MANIFEST, Stage, _file_fingerprint, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,24 @@ from cropmap.regions import DATA_DIR, SITES_DIR
 DEMO_DATA = DATA_DIR / "demo"
 TILE_FULL = "0000280849BAC91C"  # S2 10 m + 20 m + S1, label year 2019
 TILE_NO10M = "000028085BF08E7E"  # the export lacks its S2 10 m file
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def cropmap(*args, env=None, cwd=None):
+    """Run the `cropmap` command in a subprocess (this interpreter)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cropmap.pipeline.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=900)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("cropmap: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr  # progress lines may precede it
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
 
 
 def write_site(directory: Path, doc: dict) -> Path:

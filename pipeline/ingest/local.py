@@ -22,9 +22,9 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
-from ..cube import TileGrid
-from ..errors import DataError
-from ..sites import Site
+from cropmap.pipeline.cube import TileGrid
+from cropmap.pipeline.errors import DataError
+from cropmap.pipeline.sites import Site
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,10 @@ def _rank_main(rank: int, world: int, port: int, out: str, what: str) -> None:
 
     torch.set_num_threads(1)
     from cropmap.models import ddp
-    from cropmap.models.moco import MoCoConfig
+    from cropmap.models.pretrain.moco import MoCoConfig
     from cropmap.models.training import FitConfig
-    from cropmap.pipeline import pretrain as pretrain_mod
-    from cropmap.pipeline import train as train_mod
+    from cropmap.pipeline.levels.pixel import pretrain as pretrain_mod
+    from cropmap.pipeline.levels.pixel import train as train_mod
 
     ctx = ddp.init_from_env("cpu")
     out = Path(out)

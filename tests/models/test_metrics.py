@@ -193,7 +193,7 @@ def test_runs_and_benchmarks_share_the_metrics_function():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import accuracy
 
-    from cropmap.pipeline import evaluate
+    from cropmap.pipeline.levels import common
 
     assert "metrics_for" in inspect.getsource(accuracy.evaluate)
-    assert "label_metrics" in inspect.getsource(evaluate.metrics_for)
+    assert "label_metrics" in inspect.getsource(common.metrics_for)

@@ -256,7 +256,7 @@ def test_install_cron_replaces_the_site_line_and_systemd_units(tmp_path):
 
 
 def test_schedule_cli_prints_and_checks(tmp_path):
-    from test_cli import assert_one_line_error, cropmap
+    from conftest import assert_one_line_error, cropmap
 
     proc = cropmap("schedule", "--site", "demo", "--at", "0 6 * * 1", "--out", tmp_path / "runs", "--print")
     assert proc.returncode == 0, proc.stderr
@@ -312,7 +312,7 @@ def test_checkpoints_never_execute_code(tmp_path):
 def test_early_season_run_end_to_end(tmp_path, sites_dir):
     """`cropmap run --until` maps with the dates up to the cut only, says so, and is its own run version."""
     import xarray as xr
-    from test_cli import cropmap
+    from conftest import cropmap
 
     write_site(sites_dir, demo_doc())
     out = tmp_path / "runs"

@@ -1,15 +1,15 @@
 """Sample stores and the Parquet long table of DESIGN.md (real example table)."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TEST_DATA
 
 from cropmap.pipeline.errors import SamplesError
 from cropmap.pipeline.samples import load_samples, load_store, long_table_to_samples, read_long_table, save_store, to_long_table, write_long_table
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "rpg2023_dekad_long_60.parquet"  # real, MIT (tests/data/README.md)
+EXAMPLE = TEST_DATA / "rpg2023_dekad_long_60.parquet"  # real, MIT (tests/data/README.md)
 
 
 def small_table():

@@ -41,7 +41,7 @@ def test_no_validation_when_asked():
 def test_label_budgets_are_stratified_and_seeded():
     import numpy as np
 
-    from cropmap.pipeline.train import subsample_labels
+    from cropmap.pipeline.levels.pixel.train import subsample_labels
 
     y = np.array([0] * 100 + [1] * 10 + [2] * 1)
     idx = np.arange(len(y))

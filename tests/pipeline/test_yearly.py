@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import demo_doc, write_site
-from test_cli import cropmap
+from conftest import cropmap, demo_doc, write_site
 
 from cropmap.pipeline.fsio import sha256_path
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import ee
 
-from ...sites import Gee, Site
-from .tiles import ExportTile, task_description
+from cropmap.pipeline.ingest.gee.tiles import ExportTile, task_description
+from cropmap.pipeline.sites import Gee, Site
 
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 CLOUD_SCORE_PLUS = "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ...errors import DataError
+from cropmap.pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import rasterio
 import xarray as xr
 from affine import Affine
 
-from ...cube import TileGrid, grid_of
-from ...sites import Site
-from .builders import S1_NODATA, SAMPLE_COLUMNS, Period, composite_periods, task_request
-from .client import ACTIVE, LocalExports, TaskStatus
+from cropmap.pipeline.cube import TileGrid, grid_of
+from cropmap.pipeline.ingest.gee.builders import S1_NODATA, SAMPLE_COLUMNS, Period, composite_periods, task_request
+from cropmap.pipeline.ingest.gee.client import ACTIVE, LocalExports, TaskStatus
+from cropmap.pipeline.sites import Site
 
 ERRORS = {
     "retry": "Internal error: an internal error has occurred (request: 1234).",
@@ -310,7 +310,7 @@ class DemoServer:
     def pixels(self, expr: dict, request: dict) -> bytes:
         """Answer a computePixels request: which image (S2 or S1 composites, CDL labels) is read from
         the collections the serialised expression loads; the grid must be on the site's pixel grid."""
-        from .pixels import encode_npy, request_grid
+        from cropmap.pipeline.ingest.gee.pixels import encode_npy, request_grid
 
         text = json.dumps(expr)
         kind = ("s2" if '"COPERNICUS/S2_SR_HARMONIZED"' in text else "s1" if '"COPERNICUS/S1_GRD"' in text
@@ -337,7 +337,7 @@ class DemoServer:
     def serve_samples(self, name: str, request: dict, folder: Path) -> None:
         """Stratified points (``samples_per_class`` per label code, inside the export's tile when it is
         one of the site's) with their clear raw S2 acquisitions (DN) and S1 acquisitions (dB) as CSV."""
-        from .tiles import site_tiles
+        from cropmap.pipeline.ingest.gee.tiles import site_tiles
 
         rng = np.random.default_rng(self.seed)
         block = self.site.gee.block_size_m

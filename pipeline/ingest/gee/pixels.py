@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from affine import Affine
 
-from ...cube import TileGrid
-from ...errors import DataError
-from .client import Client
-from .tasks import classify_error
+from cropmap.pipeline.cube import TileGrid
+from cropmap.pipeline.errors import DataError
+from cropmap.pipeline.ingest.gee.client import Client
+from cropmap.pipeline.ingest.gee.tasks import classify_error
 
 log = logging.getLogger(__name__)
 

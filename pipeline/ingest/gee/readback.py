@@ -17,13 +17,13 @@ import pandas as pd
 import rasterio
 import xarray as xr
 
-from ...cube import S2_SCALE, TileGrid
-from ...errors import DataError
-from ...samples import PixelSamples, long_table_to_samples
-from ...sites import Legend, Site
-from ...splits import block_split  # noqa: F401  (the shared split logic; re-exported for older imports)
-from .builders import S1_NODATA, Period
-from .tiles import ExportTile
+from cropmap.pipeline.cube import S2_SCALE, TileGrid
+from cropmap.pipeline.errors import DataError
+from cropmap.pipeline.ingest.gee.builders import S1_NODATA, Period
+from cropmap.pipeline.ingest.gee.tiles import ExportTile
+from cropmap.pipeline.samples import PixelSamples, long_table_to_samples
+from cropmap.pipeline.sites import Legend, Site
+from cropmap.pipeline.splits import block_split  # noqa: F401  (the shared split logic; re-exported for older imports)
 
 
 def read_shards(paths: list[Path], grid: TileGrid) -> np.ndarray:
@@ -108,7 +108,7 @@ def samples_from_table(table: pd.DataFrame, site: Site, legend: Legend, year: in
     """The exported long table (one row per point and S2 clear acquisition, DN bands, or S1
     acquisition, dB bands) as pixel samples in the format of the cube path: reflectance and dB
     bands in the cube's band order, S2 and S1 observations of one day on one row, S1 averaged
-    over ``s1_window`` days in linear power (as :func:`cropmap.pipeline.tensors.cube_series`),
+    over ``s1_window`` days in linear power (as the pixel level's cube_series),
     legend class codes (unmapped codes dropped). ``parcel_id`` is the sample's spatial block
     (``gee.block_size_m``), so parcel-disjoint splits of the train stage are block-disjoint;
     ``split`` is the seeded block split of :func:`block_split`."""

@@ -16,21 +16,21 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ...cube import TileGrid
-from ...errors import DataError, SiteError
-from ...sites import Site
-from .client import Client, output_files
-from .pixels import FetchStats
-from .tasks import Job, TaskManager
-from .tiles import ExportTile, export_name, site_tiles
+from cropmap.pipeline.cube import TileGrid
+from cropmap.pipeline.errors import DataError, SiteError
+from cropmap.pipeline.ingest.gee.client import Client, output_files
+from cropmap.pipeline.ingest.gee.pixels import FetchStats
+from cropmap.pipeline.ingest.gee.tasks import Job, TaskManager
+from cropmap.pipeline.ingest.gee.tiles import ExportTile, export_name, site_tiles
+from cropmap.pipeline.sites import Site
 
 log = logging.getLogger(__name__)
 
 
 def make_client(site: Site) -> Client:
     """The real client for ``site``: credentials checked now (one clear error if missing), Earth Engine initialised on first use."""
-    from .auth import initialize, load_credentials, require_auth
-    from .client import BucketExports, EarthEngineClient, LocalExports
+    from cropmap.pipeline.ingest.gee.auth import initialize, load_credentials, require_auth
+    from cropmap.pipeline.ingest.gee.client import BucketExports, EarthEngineClient, LocalExports
 
     gee = site.gee
     if not gee.bucket:
@@ -80,7 +80,7 @@ class GeeSource:
     # ------------------------------------------------------------ cubes
     def export_cubes(self, run_dir: Path) -> dict[str, dict[str, list[str]]]:
         """Run the S2 (and S1) composite exports of every tile; tile -> kind -> leaf export names."""
-        from . import builders as b
+        from cropmap.pipeline.ingest.gee import builders as b
 
         periods = b.composite_periods(self.site.gee, self.year)
         bands = {"s2": list(self.site.bands.s2), "s1": list(self.site.bands.s1)}
@@ -100,8 +100,8 @@ class GeeSource:
         return {t.name: {k: leaves[self.name(k, t.name)] for k in kinds} for t in self.tiles}
 
     def read_cube(self, tile: ExportTile, leaves: dict[str, list[str]], cache: Path) -> xr.Dataset:
-        from .builders import composite_periods
-        from .readback import composite_cube, read_shards
+        from cropmap.pipeline.ingest.gee.builders import composite_periods
+        from cropmap.pipeline.ingest.gee.readback import composite_cube, read_shards
 
         s2_files = self._files(leaves["s2"], cache)
         s1_files = self._files(leaves["s1"], cache) if "s1" in leaves else []
@@ -113,9 +113,9 @@ class GeeSource:
     def pixels_cube(self, tile: ExportTile) -> xr.Dataset:
         """The cube of one tile fetched interactively (computePixels, no bucket round trip): the same
         composites, grid and cube format as :meth:`read_cube` of the batch exports."""
-        from . import builders as b
-        from .pixels import fetch_pixels
-        from .readback import composite_cube
+        from cropmap.pipeline.ingest.gee import builders as b
+        from cropmap.pipeline.ingest.gee.pixels import fetch_pixels
+        from cropmap.pipeline.ingest.gee.readback import composite_cube
 
         g = self.site.gee
         periods = b.composite_periods(g, self.year)
@@ -132,7 +132,7 @@ class GeeSource:
     # ------------------------------------------------------------ labels
     def check_cdl(self) -> tuple[bool, str]:
         """Is the year's CDL published, and does it have a confidence band? Returns (has_confidence, note)."""
-        from . import builders as b
+        from cropmap.pipeline.ingest.gee import builders as b
 
         ids = [str(i) for i in self.client.get_info(b.cdl_year_ids())]
         if str(self.year) not in ids:
@@ -148,7 +148,7 @@ class GeeSource:
         return has_conf, f"CDL {self.year} bands {bands}; labels kept where {rule}"
 
     def export_cdl(self, run_dir: Path) -> tuple[dict[str, list[str]], str]:
-        from . import builders as b
+        from cropmap.pipeline.ingest.gee import builders as b
 
         has_conf, note = self.check_cdl()
         image = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
@@ -162,7 +162,7 @@ class GeeSource:
     def export_samples(self, run_dir: Path) -> dict[str, list[str]]:
         """Per tile, a CSV table export of stratified points (``samples_per_class`` per CDL class,
         with spatial block ids) and their raw clear S2 and S1 acquisitions; tile -> leaf names."""
-        from . import builders as b
+        from cropmap.pipeline.ingest.gee import builders as b
 
         has_conf, _ = self.check_cdl()
         labels = b.cdl_labels(self.year, self.site.gee, has_confidence=has_conf)
@@ -185,8 +185,8 @@ class GeeSource:
 
     def read_samples(self, leaves: dict[str, list[str]], cache: Path, legend, *, s1_window: int = 0):
         """The exported sample tables of every tile as one :class:`~cropmap.pipeline.samples.PixelSamples`."""
-        from ...tensors import concat_samples
-        from .readback import samples_from_table
+        from cropmap.pipeline.ingest.gee.readback import samples_from_table
+        from cropmap.pipeline.samples import concat_samples
 
         parts = []
         for tile, names in leaves.items():
@@ -206,7 +206,7 @@ class GeeSource:
         return concat_samples(parts)
 
     def read_cdl(self, tile: ExportTile, leaves: list[str], cache: Path) -> np.ndarray:
-        from .readback import read_shards
+        from cropmap.pipeline.ingest.gee.readback import read_shards
 
         return read_shards(self._files(leaves, cache), tile.grid)[0].astype(np.int32)
 

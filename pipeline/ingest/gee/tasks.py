@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import DataError, StageError
-from ...fsio import write_json
-from .client import ACTIVE, Client, output_files
-from .tiles import ExportTile, task_description
+from cropmap.pipeline.errors import DataError, StageError
+from cropmap.pipeline.fsio import write_json
+from cropmap.pipeline.ingest.gee.client import ACTIVE, Client, output_files
+from cropmap.pipeline.ingest.gee.tiles import ExportTile, task_description
 
 log = logging.getLogger(__name__)
 

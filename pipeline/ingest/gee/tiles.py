@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from affine import Affine
 
-from ...cube import TileGrid
-from ...sites import Site
+from cropmap.pipeline.cube import TileGrid
+from cropmap.pipeline.sites import Site
 
 DESCRIPTION_OK = re.compile(r"[^A-Za-z0-9_,:;.-]")
 

@@ -1,0 +1,3 @@
+from cropmap.pipeline.cli import main
+
+main()

@@ -1,0 +1,285 @@
+"""The pixel-level stages of ``cropmap run`` (after the shared ingest and labels stages):
+
+tensors -> [pretrain] -> train -> [transfer] -> predict -> evaluate, each a function of a
+:class:`~cropmap.pipeline.runner.StageContext` writing under the run directory:
+
+    samples/pixels/           tensors: labelled pixel series (sample store)
+    samples/unlabelled/       pretrain (training.pretrain.method set): random pixels of every tile
+    pretrain/encoder/         pretrain: the self-supervised (MoCo) encoder the train stage starts from
+    models/seed-<s>/          train: one model per parcel-disjoint split seed (seed 0 maps)
+    baselines/                train: random-forest predictions on the same splits
+    map/crops.tif ...         predict: class COG, confidence COG, preview PNG
+    metrics.json              evaluate: held-out parcel metrics, model vs random forest
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+
+from cropmap.models.calibration import summarize_calibration
+from cropmap.models.forest import binned_features
+from cropmap.models.metrics import CLASS_SET_RULE
+from cropmap.models.training import FitConfig
+from cropmap.pipeline.cube import open_cube
+from cropmap.pipeline.errors import StageError
+from cropmap.pipeline.fsio import write_json
+from cropmap.pipeline.levels import RunInputs
+from cropmap.pipeline.levels.common import class_table, encode_labels, held_out, metrics_document, metrics_for, read_baseline, write_forest_baseline
+from cropmap.pipeline.levels.pixel import transfer
+from cropmap.pipeline.levels.pixel.evaluate import calibration_of_seed, predict_samples
+from cropmap.pipeline.levels.pixel.predict import predict_site
+from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
+from cropmap.pipeline.levels.pixel.tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
+from cropmap.pipeline.levels.pixel.train import as_series, train_model
+from cropmap.pipeline.runner import Stage, StageContext
+from cropmap.pipeline.samples import load_store, save_store
+from cropmap.pipeline.sites import Legend
+from cropmap.pipeline.splits import ParcelSplit, split_for
+from cropmap.pipeline.stages.maps import write_preview
+from cropmap.pipeline.stages.stac import write_map_item
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = (
+    "Split: {split}. Pixel-level metrics on the test pixels only. Parcels (connected regions of one "
+    "crop in the label raster) never straddle sides: about {test:.0%} of each "
+    "class's parcels are held out for test, the rest train{val}; a class without a test "
+    "parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
+    "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
+    "{class_rule}. The random forest baseline is trained "
+    "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
+    "model of seed {seed0}."
+)
+
+
+def pixel_stages(run: RunInputs) -> list[Stage]:
+    """The pixel stages that follow ingest and labels."""
+    site, year, legend, device = run.site, run.year, run.legend, run.device
+    tiles, mapped, trained, cluster, common = run.tiles, run.mapped, run.trained, run.cluster, run.common
+    transfer_from, compare_scratch, gee_src = run.transfer_from, run.compare_scratch, run.gee_source
+    tr = site.training
+    if run.epochs is not None:
+        tr = tr.model_copy(update={"epochs": run.epochs})
+    legend_doc = legend.model_dump()
+
+    sample_tables = site.source == "gee" and site.gee.samples == "table"
+
+    def tensors(ctx: StageContext) -> dict[str, str]:
+        cube_dir, label_dir = ctx.upstream["ingest"]["cube"], ctx.upstream["labels"]["labels"]
+        names = {c.code: c.name for c in legend.classes}
+        if sample_tables:  # stratified, spatially blocked sample tables exported by Earth Engine
+            leaves = gee_src.export_samples(ctx.run_dir)
+            samples = gee_src.read_samples(leaves, ctx.run_dir / "gee" / "files", legend, s1_window=site.tensors.s1_window_days)
+            cube_bands_ = cube_bands(open_cube(cube_dir / f"{trained[0][0]}.zarr"))
+            if samples.bands != cube_bands_:
+                raise StageError(f"exported sample tables have bands {samples.bands}, the cubes {cube_bands_}",
+                                 fix="delete RUN/gee/files and the samples exports, then rerun")
+            ctx.report.update(samples_from="Earth Engine sample tables (split unit: spatial blocks of gee.block_size_m)",
+                              exports=sum(len(v) for v in leaves.values()), eecu_hours=round(gee_src.samples_eecu_seconds / 3600, 4))
+        elif cluster is not None and cluster.distributed:
+            from cropmap.pipeline.levels.pixel import distributed
+
+            with distributed.cluster_client(cluster) as client:
+                samples, res = distributed.samples_distributed(
+                    [(tid, cube_dir / f"{tid}.zarr", label_dir / f"{tid}_class.tif", label_dir / f"{tid}_parcel.tif") for tid, _ in trained],
+                    names, site.tensors.s1_window_days, client=client, tiles_dir=ctx.path("tiles/tensors"), retries=cluster.retries)
+            ctx.report.update(cluster=cluster.describe(), tiles_computed=len(res.computed), tiles_reused=len(res.reused))
+        else:
+            parts = []
+            for tid, _ in trained:
+                with rasterio.open(label_dir / f"{tid}_class.tif") as ds:
+                    classes = ds.read(1)
+                with rasterio.open(label_dir / f"{tid}_parcel.tif") as ds:
+                    parcels = ds.read(1)
+                parts.append(labelled_samples(open_cube(cube_dir / f"{tid}.zarr"), classes, parcels, names,
+                                              s1_window=site.tensors.s1_window_days))
+            samples = concat_samples(parts)
+        save_store(samples, ctx.path("samples/pixels"))
+        shutil.rmtree(ctx.path("tiles/tensors"), ignore_errors=True)  # per-tile parts, now in the store
+        ctx.report.update(n_samples=len(samples), n_observations=int(samples.offsets[-1]),
+                          mean_length=round(float(samples.lengths.mean()), 1), tiles=[t for t, _ in trained],
+                          per_class={names[int(k)]: int(v) for k, v in samples.table["label"].value_counts().sort_index().items()})
+        return {"samples": "samples/pixels"}
+
+    def parcels_of(samples) -> pd.DataFrame:
+        t = samples.table
+        p = t.groupby("parcel_id").agg(label=("label", "first"), n_pixels=("label", "size")).reset_index()
+        p = p[p.n_pixels >= tr.min_parcel_pixels]
+        p["class_name"] = p["label"].map(lambda c: samples.class_names.get(int(c), str(c)))
+        return p
+
+    def split_indices(samples, split: ParcelSplit, seed: int) -> dict[str, np.ndarray]:
+        side = split.row_sides(samples.table)
+        rng = np.random.default_rng(seed)
+        train = []
+        for _, g in samples.table[side == "train"].groupby("parcel_id"):
+            idx = g.index.to_numpy()
+            train.append(rng.choice(idx, size=min(tr.max_pixels_per_parcel, len(idx)), replace=False))
+        return {"train": np.sort(np.concatenate(train)), "val": np.nonzero(side == "val")[0], "test": np.nonzero(side == "test")[0]}
+
+    pre = tr.pretrain
+    pretraining = pre.method != "none"
+
+    def pretrain(ctx: StageContext) -> dict[str, str]:
+        cube_dir = ctx.upstream["ingest"]["cube"]
+        rng = np.random.default_rng(0)
+        per_tile = -(-pre.pixels // len(tiles))
+        parts = [unlabelled_samples(open_cube(cube_dir / f"{tid}.zarr"), per_tile, rng, site.tensors.s1_window_days) for tid, _ in tiles]
+        samples = concat_samples(parts)
+        save_store(samples, ctx.path("samples/unlabelled"))
+        tick = ctx.progress("pretrain", pre.epochs) if ctx.progress else None
+        meta = pretrain_encoder(samples, ctx.path("pretrain/encoder"), method=pre.method, model_name=tr.model,
+                                model_options=tr.model_options, config=pre.moco_config(device),
+                                on_epoch=(lambda row: tick(1)) if tick else None)
+        p = meta["pretrain"]
+        if tick:
+            tick(pre.epochs - p["epochs_run"])
+        ctx.report.update(n_series=len(samples), method=pre.method, best_epoch=p["best_epoch"], epochs_run=p["epochs_run"],
+                          queue_size=p["queue_size"], best_val_infonce=p["best_val_infonce"], seconds=p["seconds"])
+        return {"encoder": "pretrain/encoder", "unlabelled": "samples/unlabelled"}
+
+    def fit_config(seed: int) -> FitConfig:
+        return FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
+                         device=device, class_weighting=tr.class_weighting, loss=tr.loss,
+                         focal_gamma=tr.focal_gamma, patience=tr.patience, freeze_encoder=pretraining and pre.freeze_encoder,
+                         augment=tr.augment())
+
+    def train(ctx: StageContext) -> dict[str, str]:
+        samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
+        encoder = ctx.upstream["pretrain"]["encoder"] if pretraining else None
+        parcels = parcels_of(samples)
+        models_dir, base_dir = ctx.path("models"), ctx.path("baselines")
+        tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
+        report = {}
+        for seed in tr.split_seeds:
+            rows = samples.table[samples.table["parcel_id"].isin(parcels["parcel_id"])]
+            split = split_for(rows, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
+                              samples.class_names, parcels=parcels)
+            idx = split_indices(samples, split, seed)
+            cfg = fit_config(seed)
+            init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
+            meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
+                               model_options=tr.model_options, fit_config=cfg, pretrained=init,
+                               extra_files={"split.json": split.to_dict()},
+                               extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
+                               on_epoch=(lambda row: tick(1)) if tick else None)
+            if tick:
+                tick(tr.epochs - meta["fit"]["epochs_run"])
+            # the random-forest baseline on exactly the same training pixels and test pixels
+            classes = class_table(samples, idx["train"])
+            y = encode_labels(samples, classes)
+            write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, binned_features(as_series(samples.subset(idx["train"]))),
+                                  y[idx["train"]], binned_features(as_series(samples.subset(idx["test"]))), len(classes), "sample_id",
+                                  samples.table["sample_id"].to_numpy()[idx["test"]])
+            report[f"seed-{seed}"] = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
+                                      "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
+                                      "train_only_classes": split.train_only}
+        ctx.report.update(report)
+        return {"models": "models", "model": f"models/seed-{tr.split_seeds[0]}", "baselines": "baselines"}
+
+    def predict(ctx: StageContext) -> dict[str, str]:
+        cube_dir = ctx.upstream["ingest"]["cube"]
+        model_dir = ctx.upstream["train"]["model"]
+        tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
+        map_args = (site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir, ctx.path("map/crops.tif"),
+                    ctx.path("map/confidence.tif"))
+        map_kw = dict(device=device, tags={"site": site.name, "year": str(year), "model": tr.model}, on_block=tick)
+        if cluster is not None and cluster.distributed:
+            from cropmap.pipeline.levels.pixel.distributed import cluster_client, predict_site_distributed
+
+            with cluster_client(cluster) as client:
+                summary = predict_site_distributed(*map_args, client=client, tiles_dir=ctx.path("tiles/predict"), retries=cluster.retries,
+                                                   **map_kw)
+            summary["cluster"] = cluster.describe()
+        else:
+            summary = predict_site(*map_args, **map_kw)
+        windows = [(t["tile"], t) for t in summary["tiles"]]
+        write_preview(ctx.path("map/crops.tif"), ctx.path("map/preview.png"), title=f"{site.name} {year}: crop map",
+                      windows=[(name, (w["col_off"], w["row_off"], w["width"], w["height"])) for name, w in windows])
+        write_map_item(ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), ctx.path("map/preview.png"),
+                       item_id=f"{site.name}-{year}-crops", year=year, properties={"cropmap:site": site.name, "cropmap:model": tr.model})
+        ctx.report.update(summary)
+        return {"map": "map/crops.tif", "confidence": "map/confidence.tif", "preview": "map/preview.png",
+                "classes": "map/crops.tif.classes.json", "stac": "map/crops.stac.json"}
+
+    def evaluate(ctx: StageContext) -> dict[str, str]:
+        samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
+        models_dir, base_dir = ctx.upstream["train"]["models"], ctx.upstream["train"]["baselines"]
+        runs, calibration = [], {}
+        for seed in tr.split_seeds:
+            mdir = models_dir / f"seed-{seed}"
+            split, test, evaluated = held_out(samples, mdir, samples.class_names)
+            side = split.row_sides(samples.table)
+            test_samples = samples.subset(test)
+            proba, meta, aligned = predict_samples(mdir, test_samples, device)
+            model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+            val = np.nonzero(side == "val")[0]
+            cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if cal is not None:
+                calibration[f"seed-{seed}"] = cal
+            base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
+                                 f"pixels of seed {seed}")
+            base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
+            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
+                         "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
+                         "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
+                         "model": model_m, "baseline": base_m})
+        doc = _metrics_document(runs, tr, legend)
+        if calibration:
+            doc["calibration"] = summarize_calibration(calibration)
+        write_json(ctx.path("metrics.json"), doc)
+        ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},
+                          baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
+        return {"metrics": "metrics.json"}
+
+    return [
+        Stage("tensors", tensors, after=["ingest", "labels"], config={"tiles": trained, **site.tensors.model_dump(),
+                                                                      **({"samples": site.gee.model_dump(include={"samples", "samples_per_class",
+                                                                          "block_size_m"})} if sample_tables else {})}),
+        *([Stage("pretrain", pretrain, after=["ingest"], config={"tiles": tiles, "pretrain": pre.model_dump(), "model": tr.model,
+                                                                 "model_options": tr.model_options, **site.tensors.model_dump()})]
+          if pretraining else []),
+        Stage("train", train, after=["tensors", *(["pretrain"] if pretraining else [])], config={"training": tr.model_dump(),
+              **({"transfer_from": str(transfer_from)} if transfer_from is not None else {})},
+              inputs=[transfer_from] if transfer_from is not None else []),
+        *([transfer.transfer_stage(year=year, year_tiles={t for t, _ in mapped}, seeds=tr.split_seeds, previous=transfer_from,
+                                   split_indices=split_indices, fit_config=fit_config, device=device,
+                                   train=lambda ctx, smp, a, b, out, cfg: train_model(
+                                       smp, a, b, out, model_name=tr.model, model_options=tr.model_options, fit_config=cfg,
+                                       pretrained=ctx.upstream["pretrain"]["encoder"] if pretraining else None),
+                                   after=["tensors", "train", *(["pretrain"] if pretraining else [])], config={"seeds": tr.split_seeds, "training": tr.model_dump()})]
+          if transfer_from is not None and compare_scratch else []),
+        Stage("predict", predict, after=["ingest", "train"], config={**common, "tiles": mapped, "extent": list(site.extent),
+                                                                      "crs": site.crs, "legend": legend_doc}, version="2"),  # 2: + STAC item
+        Stage("evaluate", evaluate, after=["tensors", "train"], config={"seeds": tr.split_seeds}),
+    ]
+
+
+def pixel_outputs(done: dict) -> dict[str, str]:
+    """run.json ``outputs`` of the pixel level."""
+    return {"map": done["predict"]["map"], "confidence": done["predict"]["confidence"], "preview": done["predict"]["preview"],
+            "metrics": done["evaluate"]["metrics"], "model": done["train"]["model"], "report": done["report"]["report"],
+            "samples": done["tensors"]["samples"], **({"stac": done["predict"]["stac"]} if "stac" in done["predict"] else {}),
+            **({"encoder": done["pretrain"]["encoder"]} if "pretrain" in done else {}),
+            **({"transfer": done["transfer"]["transfer"]} if "transfer" in done else {})}
+
+
+def _tile_pixels(path: Path) -> int:
+    c = open_cube(path)
+    return int(c.sizes["y"] * c.sizes["x"])
+
+
+def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
+    split = runs[0].get("split", "parcel-disjoint")
+    protocol = PROTOCOL.format(
+        split=split, class_rule=CLASS_SET_RULE, test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
+        val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
+             if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)"))
+    return metrics_document(runs, protocol=protocol, head={"split": split, "model": tr.model, "pretraining": tr.pretrain.method},
+                            baseline_model="random_forest (500 trees, depth 25, 30-day median features)")
