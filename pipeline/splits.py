@@ -228,6 +228,14 @@ def assign_blocks(groups, labels, x, y, *, block_size_m: float, seed: int, test_
             cur[side_of[u]] -= k[u]
             side_of[u] = 0
             cur[0] += k[u]
+    # at least one test block: the smallest training block whose move leaves every class a training group
+    if not (cur[2] > 0).any() and n_units > 1:
+        cand = [u for u in np.nonzero((side_of == 0) & (k.sum(1) > 0))[0] if ((cur[0] - k[u])[n_c > 0] > 0).all()]
+        if cand:
+            u = min(cand, key=lambda v: (k[v].sum(), v))
+            cur[0] -= k[u]
+            side_of[u] = 2
+            cur[2] += k[u]
     names = np.array(SIDES)
     group_side = names[side_of[home_idx]]
     own_side = names[side_of[block_idx]]

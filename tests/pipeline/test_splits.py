@@ -136,3 +136,23 @@ def test_split_for_falls_back_to_parcels_without_locations():
     assert "blocks" in split_for(t, 0, 0.3, 0.1, 500.0).protocol
     assert "no spatial blocks" in split_for(t.drop(columns=["x", "y"]), 0, 0.3, 0.1, 500.0).protocol
     assert "no spatial blocks" in split_for(t, 0, 0.3, 0.1, None).protocol
+
+
+def test_a_small_site_still_gets_a_test_block():
+    """One 640 m tile of a few large parcels, 320 m blocks: the quota greedy alone can leave test empty."""
+    import numpy as np
+
+    from cropmap.pipeline.splits import spatial_split
+
+    rows = []
+    rng = np.random.default_rng(3)
+    for pid, (x0, y0, lab) in enumerate([(0, 0, 1), (330, 0, 1), (0, 330, 2), (330, 330, 2), (100, 100, 1), (400, 420, 2)], 1):
+        for i in range(20):
+            for j in range(20):
+                rows.append({"parcel_id": pid, "label": lab, "x": 500_000 + x0 + i * 10.0, "y": 5_600_000 + y0 + j * 10.0})
+    t = pd.DataFrame(rows)
+    for seed in range(20):
+        sp = spatial_split(t, seed, 0.3, 0.15, 320.0)
+        side = sp.row_sides(t)
+        assert (side == "test").any() and (side == "train").any(), seed
+        assert all(v["train"] >= 1 for v in sp.parcels_per_class.values())
