@@ -7,26 +7,36 @@ Usage:
 
 Datasets (real data, see ../shared/data/README.md):
 - ``demo``: the demo site's labelled pixels (built by the ingest/labels/tensors stages into a
-  cache). Split per seed by *parcel* (about 30 % of each class's parcels held out, as
-  ``cropmap run``), at most 100 training pixels per parcel; metrics on the pixels of held-out
-  parcels. Pre-training: random pixels of every tile of the site.
+  cache). Split per seed by spatial blocks (``--block-size-m``, default 320 m, the site's; see
+  :mod:`cropmap.pipeline.splits`: whole blocks to one side, about 30 % of each class's parcels
+  held out, parcel-disjoint, pixels of a parcel lying in a block of the other side excluded), at
+  most 100 training pixels per parcel; metrics on the test pixels. Pre-training: random pixels of
+  every tile of the site.
 - ``rpg2023``: the French parcel registry 2023 point table (dekad S2 + S1, 500 parcels), labels
   grouped by WorldCereal's CROPTYPE_INSEASON_FRANCE mapping, classes with >= 10 parcels kept
-  (10 classes, 396 parcels). Split per seed: 30 % of each class held out. Pre-training: all
-  396 series.
+  (10 classes, 396 parcels). Split per seed by spatial blocks of 10 km (lon/lat projected to UTM),
+  about 30 % of each class held out. Pre-training: all 396 series.
+
+``--split parcels`` gives the older per-parcel (demo) / per-sample (RPG) splits.
 
 Protocol: for each seed, a label budget keeps that fraction of each class's training samples
 (stratified, seeded, at least one per class). Deep models train for ``--epochs`` epochs and at
 least ``--min-steps`` optimizer steps (tiny budgets would otherwise see a handful of steps), with
 the site's augmentations, no validation split (fixed schedule), and are evaluated
 deterministically. The random forest (500 trees, depth 25, 30-day median features) trains on the
-same samples. "moco" rows fine-tune the whole model from a MoCo encoder pre-trained once per
-model and dataset (seed 0) on unlabelled series of the dataset. Pre-training sees the test
-series' *values* but never a label (the setting of mapping a site: all its pixels are
-unlabelled input).
+same samples. "moco" rows fine-tune the whole model from a MoCo encoder pre-trained *per seed*
+(``--pretrain-per-seed``, the default; seed = the split seed) on unlabelled series of the dataset,
+with shuffle-BN (:mod:`cropmap.models.pretrain.moco`). Pre-training sees the test series' *values* but
+never a label (the setting of mapping a site: all its pixels are unlabelled input). Both the
+"moco" and the "none" rows of a seed normalise with the same statistics: those of the seed's
+training-side series (train-only; the budget does not change them), so the measured gain is the
+pre-training's alone. Metrics: :func:`cropmap.models.metrics.label_metrics`, the runs' function
+(macro F1 over the classes present in test or predicted).
 
 Results are appended as JSON lines to ``--out`` (reruns skip what is there) and summarised as a
-table: mean ± sample standard deviation over seeds, and the paired gain of pre-training.
+table: mean ± sample standard deviation over seeds, and the paired gain of pre-training (mean,
+sd, 95 % t interval and Wilcoxon signed-rank test of the paired differences per budget; and per
+pre-trained encoder, since all budgets of an encoder share it).
 """
 
 from __future__ import annotations
@@ -45,13 +55,14 @@ import pandas as pd
 import torch
 
 from cropmap.models.forest import binned_features, make_forest
-from cropmap.models.metrics import classification_metrics
 from cropmap.models.pretrain.moco import MoCoConfig
+from cropmap.models.series import band_statistics
 from cropmap.models.training import FitConfig, predict_proba
 from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
 from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, subsample_labels, train_model
 from cropmap.pipeline.samples import PixelSamples, load_store, read_long_table
 from cropmap.pipeline.sites import Training
+from cropmap.pipeline.splits import assign_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -85,7 +96,7 @@ def demo_dataset(cache: Path) -> tuple[PixelSamples, PixelSamples, dict]:
         save_store(concat_samples(parts), unl)
     recipe = {"model_options": {"stnet": dict(site.training.model_options)}, "max_len": site.training.max_len,
               "augment": site.training, "batch_size": site.training.batch_size, "group": "parcel_id",
-              "max_per_group": site.training.max_pixels_per_parcel}
+              "max_per_group": site.training.max_pixels_per_parcel, "block_size_m": site.training.block_size_m}
     return labelled, load_store(unl, mmap=False), recipe
 
 
@@ -97,7 +108,8 @@ def rpg2023_dataset(path: Path, mapping: Path, min_count: int = 10) -> tuple[Pix
     counts = df.groupby("sample_id")["label"].first().value_counts()
     df = df[df["label"].isin(counts[counts >= min_count].index)]
     samples = read_long_table_frame(df)
-    recipe = {"model_options": {}, "max_len": 48, "augment": Training(), "batch_size": 64, "group": None, "max_per_group": None}
+    recipe = {"model_options": {}, "max_len": 48, "augment": Training(), "batch_size": 64, "group": None, "max_per_group": None,
+              "block_size_m": 10_000.0}
     return samples, samples, recipe
 
 
@@ -121,32 +133,58 @@ def split(samples: PixelSamples, seed: int, recipe: dict, test_fraction: float =
         n_test = int(round(len(ids) * test_fraction)) if len(ids) >= 2 else 0
         test_units.update(ids[:max(n_test, 1 if len(ids) >= 2 else 0)].tolist())
     is_test = np.array([u in test_units for u in key])
-    train = np.nonzero(~is_test)[0]
-    if recipe["max_per_group"]:
+    return _cap_per_group(np.nonzero(~is_test)[0], key, recipe, rng), np.nonzero(is_test)[0]
+
+
+def _cap_per_group(train: np.ndarray, key: np.ndarray, recipe: dict, rng: np.random.Generator) -> np.ndarray:
+    if recipe["max_per_group"] and len(train):
         keep = []
         for _, idx in pd.Series(train).groupby(key[train]):
             idx = idx.to_numpy()
             keep.append(rng.choice(idx, size=min(recipe["max_per_group"], len(idx)), replace=False))
         train = np.sort(np.concatenate(keep))
-    return train, np.nonzero(is_test)[0]
+    return train
+
+
+def block_sides(samples: PixelSamples, seed: int, recipe: dict, block_size_m: float, test_fraction: float = 0.3,
+                val_fraction: float = 0.0) -> np.ndarray:
+    """Per sample: train/val/test/excluded by spatial blocks (:func:`cropmap.pipeline.splits.assign_blocks`)."""
+    t = samples.table
+    key = t[recipe["group"]].to_numpy() if recipe["group"] else t["sample_id"].to_numpy()
+    epsg = int(t["epsg"].iloc[0]) if "epsg" in t.columns else None
+    return assign_blocks(key, t["label"].astype(str).to_numpy(), t["x"].to_numpy(), t["y"].to_numpy(), block_size_m=block_size_m,
+                         seed=seed, test_fraction=test_fraction, val_fraction=val_fraction, epsg=epsg).side
+
+
+def spatial_split(samples: PixelSamples, seed: int, recipe: dict, block_size_m: float,
+                  val_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train pool, val, test) indices by spatial blocks; the pool capped per parcel as :func:`split`."""
+    side = block_sides(samples, seed, recipe, block_size_m, val_fraction=val_fraction)
+    key = samples.table[recipe["group"]].to_numpy() if recipe["group"] else np.arange(len(samples))
+    pool = _cap_per_group(np.nonzero(side == "train")[0], key, recipe, np.random.default_rng(seed))
+    return pool, np.nonzero(side == "val")[0], np.nonzero(side == "test")[0]
 
 
 # --- runs -----------------------------------------------------------------------------------
 
 def evaluate(samples: PixelSamples, test: np.ndarray, proba: np.ndarray, classes: list[dict]) -> dict:
-    y = encode_labels(samples, classes)[test]
-    evaluated = sorted({int(v) for v in y if v >= 0} | ({len(classes)} if (y < 0).any() else set()))
-    names = [c["name"] for c in classes]
-    # a test class the training never saw is its own (never predicted) class: always an error
-    y_eval = np.where(y >= 0, y, len(names))
-    m = classification_metrics(y_eval, proba.argmax(1), [*names, "unseen"], labels=evaluated)
+    """The runs' metrics (:func:`cropmap.pipeline.levels.pixel.evaluate.metrics_for`, one implementation and class-set rule)."""
+    from cropmap.pipeline.levels.pixel.evaluate import metrics_for
+
+    m = metrics_for(samples.subset(test), proba, classes)
     return {k: round(float(m[k]), 4) for k in ("overall_accuracy", "kappa", "macro_f1", "weighted_f1")}
 
 
 def protocol_name(args) -> str:
     if args.val_fraction > 0:
-        return f"validation early stopping (val {args.val_fraction:.0%} of the pool, <= {args.epochs} epochs, patience {args.patience})"
-    return f"fixed schedule ({args.epochs} epochs, >= {args.min_steps} steps)"
+        base = f"validation early stopping (val {args.val_fraction:.0%} of the pool, <= {args.epochs} epochs, patience {args.patience})"
+    else:
+        base = f"fixed schedule ({args.epochs} epochs, >= {args.min_steps} steps)"
+    if args.split == "parcels" and not args.pretrain_per_seed:
+        return base  # the original protocol's name (its rows in benchmarks/results)
+    return (f"{base}; {'spatial blocks' if args.split == 'blocks' else 'parcel/sample split'}, "
+            f"{'MoCo per seed' if args.pretrain_per_seed else 'one MoCo encoder'} with shuffle-BN x{args.shuffle_bn_groups}, "
+            "shared train-only normalisation")
 
 
 def steps_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
@@ -154,12 +192,26 @@ def steps_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
     return max(epochs, math.ceil(min_steps / per_epoch))
 
 
-def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, work: Path, encoders: dict) -> dict:
+def seed_split(samples, recipe, seed, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train pool, val, test) of a seed under ``args.split``."""
+    if args.split == "blocks":
+        return spatial_split(samples, seed, recipe, args.block_size_m or recipe["block_size_m"], val_fraction=args.val_fraction)
     pool, test = split(samples, seed, recipe)
     val = np.zeros(0, np.int64)
     if args.val_fraction > 0:  # a validation set held out of the pool before the budget (as SITS-MoCo)
         rest, held = split(samples.subset(pool), seed + 1000, {**recipe, "max_per_group": None}, test_fraction=args.val_fraction)
         pool, val = pool[rest], pool[held]
+    return pool, val, test
+
+
+def seed_normalisation(samples, recipe, seed, args) -> tuple[np.ndarray, np.ndarray]:
+    """Band statistics of the seed's training pool: shared by its "none" and "moco" rows (and its encoder)."""
+    pool, _, _ = seed_split(samples, recipe, seed, args)
+    return band_statistics(as_series(samples), pool)
+
+
+def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, work: Path, encoders: dict) -> dict:
+    pool, val, test = seed_split(samples, recipe, seed, args)
     y_all = encode_labels(samples, class_table(samples, pool))
     train = subsample_labels(y_all, pool, seed, fraction=budget) if budget < 1 else pool
     classes = class_table(samples, train)
@@ -176,10 +228,11 @@ def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, wo
         epochs = steps_epochs(len(train), batch, args.epochs, args.min_steps)
         cfg = FitConfig(epochs=epochs, batch_size=batch, max_len=recipe["max_len"], seed=seed, device=args.device,
                         patience=args.patience, augment=recipe["augment"].augment())
-        enc = encoders[model] if pretrain == "moco" else None
+        enc = encoders[(model, seed if args.pretrain_per_seed else 0)] if pretrain == "moco" else None
         out = work / f"{model}-{pretrain}-{budget}-{seed}"
-        meta = train_model(samples, train, val, out, model_name=model, fit_config=cfg, pretrained=enc,
-                           model_options=recipe["model_options"].get(model, {}) if enc is None else None)
+        norm = seed_normalisation(samples, recipe, seed, args) if args.pretrain_per_seed else None
+        meta = train_model(samples, train, val, out, model_name=model, fit_config=cfg, pretrained=enc, normalisation=norm,
+                           model_options=recipe["model_options"].get(model, {}) if enc is None else None, resume=False)
         net, meta = load_model_dir(out, args.device)
         norm = meta["normalisation"]
         proba = predict_proba(net, as_series(samples.subset(test)), np.asarray(norm["mean"], np.float32),
@@ -187,30 +240,80 @@ def run_one(samples, unlabelled, recipe, model, pretrain, budget, seed, args, wo
     m = evaluate(samples, test, proba, classes)
     if model != "rf":
         epochs = meta["fit"]["epochs_run"]
-    return {"model": model, "pretrain": pretrain, "budget": budget, "seed": seed, "n_train": int(len(train)), "n_val": int(len(val)),
+    return {"model": model, "pretrain": pretrain, "budget": budget, "seed": seed,
+            "encoder_seed": (seed if args.pretrain_per_seed else 0) if pretrain == "moco" else None,
+            "n_train": int(len(train)), "n_val": int(len(val)),
             "n_test": int(len(test)), "protocol": protocol_name(args), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), **m}
 
 
-def pretrain_encoders(unlabelled, recipe, models, args, work: Path, dataset: str) -> dict:
-    out = {}
-    for model in models:
-        path = work / f"encoder-{dataset}-{model}"
+class Encoders:
+    """MoCo encoders by (model, seed), pre-trained on first use (results come out seed by seed):
+    one per split seed (``--pretrain-per-seed``), normalised with that seed's training statistics,
+    else one per model (seed 0, statistics of the unlabelled series)."""
+
+    def __init__(self, unlabelled, recipe, args, work: Path, dataset: str, samples) -> None:
+        self.unlabelled, self.recipe, self.args, self.work, self.dataset, self.samples = unlabelled, recipe, args, work, dataset, samples
+
+    def __getitem__(self, key: tuple[str, int]) -> Path:
+        model, seed = key
+        args, recipe, unlabelled = self.args, self.recipe, self.unlabelled
+        tag = f"-{args.split}-s{args.shuffle_bn_groups}" if args.pretrain_per_seed else ""
+        path = self.work / f"encoder-{self.dataset}-{model}{tag}-seed{seed}"
         if not (path / "config.json").exists():
             t0 = time.perf_counter()
             sub = unlabelled
             if len(unlabelled) > args.pretrain_series:
-                sub = unlabelled.subset(np.sort(np.random.default_rng(0).choice(len(unlabelled), args.pretrain_series, replace=False)))
+                sub = unlabelled.subset(np.sort(np.random.default_rng(seed).choice(len(unlabelled), args.pretrain_series, replace=False)))
             cfg = MoCoConfig(epochs=args.pretrain_epochs, batch_size=min(512, max(32, len(sub) // 8)), patience=10,
-                             momentum=args.momentum, view_length=recipe["max_len"], device=args.device, seed=0)
-            meta = pretrain_encoder(sub, path, model_name=model, model_options=recipe["model_options"].get(model, {}), config=cfg)
+                             momentum=args.momentum, view_length=recipe["max_len"], device=args.device, seed=seed,
+                             shuffle_bn_groups=args.shuffle_bn_groups)
+            norm = seed_normalisation(self.samples, recipe, seed, args) if args.pretrain_per_seed else None
+            meta = pretrain_encoder(sub, path, model_name=model, model_options=recipe["model_options"].get(model, {}), config=cfg,
+                                    normalisation=norm)
             p = meta["pretrain"]
-            print(f"# pretrained {model} on {p['n_train']}+{p['n_val']} series: best epoch {p['best_epoch']}/{p['epochs_run']}, "
+            print(f"# pretrained {model} (seed {seed}) on {p['n_train']}+{p['n_val']} series: best epoch {p['best_epoch']}/{p['epochs_run']}, "
                   f"val InfoNCE {p['best_val_infonce']:.3f}, queue {p['queue_size']}, {time.perf_counter() - t0:.0f} s", flush=True)
-        out[model] = path
-    return out
+        return path
 
 
 # --- summary --------------------------------------------------------------------------------
+
+def paired(diff: np.ndarray) -> dict:
+    """Mean, sd, 95 % t interval, Wilcoxon signed-rank p (two-sided) and wins of paired differences."""
+    from scipy import stats
+
+    diff = np.asarray(diff, np.float64)
+    n = len(diff)
+    mean, sd = float(diff.mean()), float(diff.std(ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+    p = float(stats.wilcoxon(diff).pvalue) if n > 1 and np.any(diff != 0) else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "p": p, "wins": int((diff > 0).sum())}
+
+
+def gain_tables(d: pd.DataFrame) -> list[str]:
+    """Paired gain of MoCo ("moco" - "none", same model, budget, seed and split) per budget, and per
+    pre-trained encoder (the differences of all budgets of one encoder averaged: they share it, so
+    they are not independent; one encoder per model in the old protocol, per model and seed now)."""
+    deep = d[d.model != "rf"]
+    if not {"none", "moco"} <= set(deep["pretrain"]):
+        return []
+    per_seed = deep["protocol"].astype(str).str.contains("MoCo per seed").all()
+    out = ["", "Gain of MoCo pre-training (moco - none, paired by model, budget and seed; 95 % t interval; Wilcoxon signed-rank p):", "",
+           "| budget | pairs | OA gain mean ± sd [95 % CI] | OA Wilcoxon p | OA better in | macro F1 gain mean ± sd [95 % CI] |",
+           "|---|---|---|---|---|---|"]
+    wide = {m: deep.pivot_table(index=["model", "budget", "seed"], columns="pretrain", values=m) for m in ("overall_accuracy", "macro_f1")}
+    diffs = {m: (w["moco"] - w["none"]).dropna() for m, w in wide.items()}
+    fmt = lambda r: f"{r['mean']:+.3f} ± {r['sd']:.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"  # noqa: E731
+    for b, g in diffs["overall_accuracy"].groupby(level="budget"):
+        oa, f1 = paired(g.to_numpy()), paired(diffs["macro_f1"].xs(b, level="budget").to_numpy())
+        out.append(f"| {b:.0%} | {oa['n']} | {fmt(oa)} | {oa['p']:.3f} | {oa['wins']}/{oa['n']} | {fmt(f1)} |")
+    keys = ["model", "seed"] if per_seed else ["model"]
+    enc = {m: v.groupby(level=keys).mean() for m, v in diffs.items()}
+    oa, f1 = paired(enc["overall_accuracy"].to_numpy()), paired(enc["macro_f1"].to_numpy())
+    out.append(f"| per encoder (all budgets averaged; {'model x seed' if per_seed else 'model: one encoder for all seeds'}) | {oa['n']} | "
+               f"{fmt(oa)} | {oa['p']:.3f} | {oa['wins']}/{oa['n']} | {fmt(f1)} |")
+    return out
+
 
 def summarize(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
@@ -234,14 +337,7 @@ def summarize(rows: list[dict]) -> str:
                 cells.append(f"{r.overall_accuracy.mean():.3f} ± {sd(r.overall_accuracy):.3f} / "
                              f"{r.macro_f1.mean():.3f} ± {sd(r.macro_f1):.3f} ({len(r)})")
             lines.append(f"| {model} | {pre} | " + " | ".join(cells) + " |")
-        pairs = d[d.model != "rf"].pivot_table(index=["model", "budget", "seed"], columns="pretrain", values="overall_accuracy")
-        if {"none", "moco"} <= set(pairs.columns):
-            gain = (pairs["moco"] - pairs["none"]).dropna()
-            lines.append("\nGain of MoCo pre-training in overall accuracy (paired by model, budget and seed):\n")
-            lines.append("| budget | mean gain | std | better in |")
-            lines.append("|---|---|---|---|")
-            for b, g in gain.groupby(level="budget"):
-                lines.append(f"| {b:.0%} | {g.mean():+.3f} | {g.std(ddof=1) if len(g) > 1 else 0:.3f} | {(g > 0).sum()}/{len(g)} |")
+        lines.extend(gain_tables(d))
         best = d[(d.model != "rf") & (d.budget == 1.0)].groupby(["model", "pretrain"]).overall_accuracy.mean()
         rf = d[(d.model == "rf") & (d.budget == 1.0)].overall_accuracy
         if len(best) and len(rf):
@@ -265,6 +361,12 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=30)
     ap.add_argument("--pretrain-series", type=int, default=8000)
     ap.add_argument("--momentum", type=float, default=0.99, help="MoCo key momentum (0.999 needs far more steps than these datasets give)")
+    ap.add_argument("--split", choices=["blocks", "parcels"], default="blocks",
+                    help="blocks: spatial blocks (default); parcels: the older per-parcel / per-sample split")
+    ap.add_argument("--block-size-m", type=float, default=None, help="block side (default: demo the site's, rpg2023 10 km)")
+    ap.add_argument("--pretrain-per-seed", action=argparse.BooleanOptionalAction, default=True,
+                    help="one MoCo pre-training per split seed with that seed's train-only normalisation (default)")
+    ap.add_argument("--shuffle-bn-groups", type=int, default=4, help="MoCo shuffle-BN sub-batches (1: off)")
     ap.add_argument("--max-per-parcel", type=int, default=None, help="demo: training pixels per parcel (default: the site's)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", default="cpu")
@@ -274,7 +376,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarize:
         rows = [json.loads(line) for p in args.summarize for line in p.read_text().splitlines() if line.strip()]
-        print(summarize(rows))
+        # --models / --budgets restrict the summary (e.g. the old rows of the models and budgets re-measured)
+        print(summarize([r for r in rows if r["model"] in args.models and any(abs(r["budget"] - b) < 1e-9 for b in args.budgets)]))
         return
     if not args.dataset:
         ap.error("--dataset or --summarize is required")
@@ -295,9 +398,8 @@ def main() -> None:
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             done.add((r["dataset"], r["model"], r["pretrain"], r["budget"], r["seed"], r.get("protocol")))
-    deep = [m for m in args.models if m != "rf"]
-    encoders = pretrain_encoders(unlabelled, recipe, deep, args, args.work, args.dataset) if "moco" in args.pretrain else {}
-    jobs = [(m, p, b, s) for b in args.budgets for s in args.seeds for m in args.models
+    encoders = Encoders(unlabelled, recipe, args, args.work, args.dataset, samples)
+    jobs = [(m, p, b, s) for s in args.seeds for b in args.budgets for m in args.models
             for p in (["none"] if m == "rf" else args.pretrain)]
     for model, pre, budget, seed in jobs:
         if (args.dataset, model, pre, budget, seed, protocol_name(args)) in done:

@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "classification_metrics", "summarize_runs", "SCALAR_METRICS"]
+__all__ = ["confusion_matrix", "classification_metrics", "label_metrics", "summarize_runs", "SCALAR_METRICS", "CLASS_SET_RULE"]
+
+CLASS_SET_RULE = ("macro F1 and mIoU average over the union of the classes present in the test reference or in the "
+                  "predictions; a class predicted but absent from the test set counts with F1 = 0, a test class the "
+                  "model never saw in training is its own never-predicted class (F1 = 0)")
+"""The class-set rule of every macro average in runs and benchmarks (stated in ``metrics.json``)."""
 
 SCALAR_METRICS = ("overall_accuracy", "kappa", "macro_f1", "weighted_f1", "miou")
 
@@ -153,6 +158,34 @@ def classification_metrics(
         "confusion_matrix_axes": "rows=true, columns=predicted",
         "n_samples": total,
     }
+
+
+def label_metrics(reference: Sequence[Any], y_pred: Any, class_names: Sequence[str],
+                  class_keys: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The metrics of runs and benchmarks alike (:data:`CLASS_SET_RULE`).
+
+    ``reference`` holds the true labels as *keys* (``class_keys[i]`` is the key of predicted class
+    ``i``; by default the names themselves); ``y_pred`` the predicted class indices. A reference key
+    outside ``class_keys`` (a class the training never saw) becomes an extra class that is never
+    predicted, named after its key. Nothing restricts the average: every class present in the
+    reference or the predictions counts. Adds ``class_set_rule`` and ``classes_unseen_in_training``.
+    """
+    names = [str(n) for n in class_names]
+    keys = [str(k) for k in (class_keys if class_keys is not None else names)]
+    if len(keys) != len(names):
+        raise ValueError("class_keys and class_names differ in length")
+    index = {k: i for i, k in enumerate(keys)}
+    ref = [str(v) for v in (reference.tolist() if hasattr(reference, "tolist") else reference)]
+    unseen = sorted({r for r in ref if r not in index})
+    all_names = list(names)
+    for u in unseen:
+        index[u] = len(all_names)
+        all_names.append(u if u not in all_names else f"{u} (unseen)")
+    y_true = np.array([index[r] for r in ref], np.int64)
+    m = classification_metrics(y_true, y_pred, all_names)
+    m["class_set_rule"] = CLASS_SET_RULE
+    m["classes_unseen_in_training"] = unseen
+    return m
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:

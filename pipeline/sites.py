@@ -167,6 +167,11 @@ class Training(_Strict):
     """Parcel-disjoint splits repeated with these seeds; the map uses the first seed's model."""
     test_fraction: float = Field(default=0.3, gt=0, lt=1)
     val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    split: Literal["blocks", "parcels"] = "blocks"
+    """``blocks``: spatial blocks of ``block_size_m`` where sample locations are known, parcel-disjoint
+    inside (:mod:`cropmap.pipeline.splits`); ``parcels``: parcel-disjoint only (optimistic: neighbours share soil and farmer)."""
+    block_size_m: float = Field(default=1000.0, gt=0, le=100_000)
+    """Side of the square split blocks, metres (larger than typical fields; the demo's 640 m tiles use 320 m)."""
     min_parcel_pixels: int = Field(default=3, ge=1)
     """Parcels smaller than this (tile-edge slivers) are not sampled."""
     loss: Literal["ce", "focal"] = "ce"

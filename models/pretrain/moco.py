@@ -22,6 +22,19 @@ encoder, and it is computed on views drawn from a fixed seed with the other vali
 negatives (not the ever-changing queue), so epochs are comparable and early stopping is meaningful.
 The queue is capped to half the number of training series (rounded to whole batches): a queue
 longer than the data holds stale copies of the query's own pixel as negatives.
+
+Shuffle-BN (MoCo, He et al. 2020, section 3.3): encoders with BatchNorm (STNet, the Transformer
+and L-TAE per-date MLPs, TempCNN, InceptionTime) normalise with statistics of the batch. If the
+query and key encoders see the *same* batch in train mode, a query can find its positive key
+through the shared batch statistics instead of through its content (a "cheating" shortcut that
+lowers the InfoNCE without learning features). MoCo's multi-GPU fix shuffles the key batch
+across GPUs so each key is normalised with other samples than its query. The single-process
+equivalent used here: both batches are cut into ``shuffle_bn_groups`` sub-batches, each encoded
+separately (so each has its own BatchNorm statistics); the key batch is randomly permuted before
+the cut and un-permuted after, so a query's and its key's sub-batches are different random sets
+of series. We chose this over swapping BatchNorm for LayerNorm during pre-training because it
+keeps the architecture identical between pre-training and fine-tuning (every BatchNorm weight and
+running statistic transfers as it is). Encoders without BatchNorm (LSTM) are encoded in one piece.
 """
 
 from __future__ import annotations
@@ -143,11 +156,22 @@ def embed_dim(model: nn.Module) -> int:
     return int(dim)
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__ for m in model.modules())
+
+
+def split_batch(batch: dict[str, torch.Tensor], groups: int) -> list[dict[str, torch.Tensor]]:
+    """``groups`` contiguous sub-batches (sizes differ by at most one)."""
+    n = len(batch["x"])
+    bounds = np.linspace(0, n, groups + 1).round().astype(int)
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 class MoCo(nn.Module):
     """Query encoder + head (trained), key encoder + head (momentum copies), queue of keys."""
 
     def __init__(self, encoder: nn.Module, queue_size: int = 65536, momentum: float = 0.999,
-                 temperature: float = 0.07, proj_hidden: int = 128, proj_dim: int = 128) -> None:
+                 temperature: float = 0.07, proj_hidden: int = 128, proj_dim: int = 128, shuffle_bn_groups: int = 4) -> None:
         super().__init__()
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -155,7 +179,10 @@ class MoCo(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if queue_size < 1:
             raise ValueError(f"queue size must be positive, got {queue_size}")
+        if shuffle_bn_groups < 1:
+            raise ValueError(f"shuffle_bn_groups must be at least 1, got {shuffle_bn_groups}")
         dim = embed_dim(encoder)
+        self.shuffle_bn_groups = int(shuffle_bn_groups) if has_batch_norm(encoder) else 1
         self.momentum, self.temperature = float(momentum), float(temperature)
         self.encoder_q = encoder
         self.head_q = nn.Sequential(nn.Linear(dim, proj_hidden), nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim))
@@ -166,12 +193,29 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def _groups(self, n: int) -> int:
+        # separate statistics only while BatchNorm uses batch statistics (train mode), >= 2 series a group
+        return max(1, min(self.shuffle_bn_groups, n // 2)) if self.training else 1
+
     def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.normalize(self.head_q(self.encoder_q.encode(**batch)).float(), dim=1)
+        g = self._groups(len(batch["x"]))
+        if g == 1:
+            return F.normalize(self.head_q(self.encoder_q.encode(**batch)).float(), dim=1)
+        parts = [self.encoder_q.encode(**sub) for sub in split_batch(batch, g)]
+        return F.normalize(self.head_q(torch.cat(parts)).float(), dim=1)
 
     @torch.no_grad()
-    def key(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.normalize(self.head_k(self.encoder_k.encode(**batch)).float(), dim=1)
+    def key(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        n = len(batch["x"])
+        g = self._groups(n)
+        if g == 1:
+            return F.normalize(self.head_k(self.encoder_k.encode(**batch)).float(), dim=1)
+        # shuffle-BN: permute, encode sub-batches with their own BatchNorm statistics, un-permute
+        perm = torch.randperm(n, generator=generator).to(batch["x"].device)
+        inverse = torch.argsort(perm)
+        shuffled = {k: v[perm] for k, v in batch.items()}
+        parts = [self.encoder_k.encode(**sub) for sub in split_batch(shuffled, g)]
+        return F.normalize(self.head_k(torch.cat(parts)[inverse]).float(), dim=1)
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """InfoNCE logits ``(B, 1 + queue)``: the positive first, then the queue's negatives."""
@@ -228,6 +272,8 @@ class MoCoConfig:
     temperature: float = 0.07
     proj_hidden: int = 128
     proj_dim: int = 128
+    shuffle_bn_groups: int = 4
+    """Shuffle-BN sub-batches (see the module docstring); 1 turns it off (leaky with BatchNorm)."""
     epochs: int = 100
     batch_size: int = 512
     lr: float = 1e-3
@@ -282,7 +328,8 @@ def pretrain_moco(model: nn.Module, series: Series, mean: np.ndarray, std: np.nd
     result = PretrainResult(queue_size=effective_queue(cfg, len(train_idx)), n_train=len(train_idx), n_val=len(val_idx))
     if result.queue_size < cfg.queue_size:
         log.info("MoCo queue capped from %d to %d (half of %d training series)", cfg.queue_size, result.queue_size, len(train_idx))
-    moco = MoCo(model, result.queue_size, cfg.momentum, cfg.temperature, cfg.proj_hidden, cfg.proj_dim).to(device)
+    moco = MoCo(model, result.queue_size, cfg.momentum, cfg.temperature, cfg.proj_hidden, cfg.proj_dim,
+                cfg.shuffle_bn_groups).to(device)
     views = sits_moco_views(cfg.view_length, cfg.shift_p, cfg.noise_p, cfg.drop_p)
     params = [*moco.encoder_q.parameters(), *moco.head_q.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cropmap.models.metrics import classification_metrics, summarize_runs
+from cropmap.models.metrics import label_metrics, summarize_runs
 from cropmap.pipeline.errors import StageError
 from cropmap.pipeline.fsio import atomic_path
 from cropmap.pipeline.splits import ParcelSplit
@@ -46,21 +46,13 @@ def encode_labels(samples, classes: list[dict]) -> np.ndarray:
 
 
 def metrics_for(samples, proba: np.ndarray, classes: list[dict], evaluated: list[str] | None = None) -> dict:
-    """Metrics of predictions ``proba`` against the samples' labels."""
-    y = encode_labels(samples, classes)
+    """Metrics of predictions ``proba`` against the samples' labels, by :func:`cropmap.models.metrics.label_metrics`
+    (one implementation for runs and benchmarks; its class-set rule: the union of test and predicted
+    classes). ``evaluated`` (the test classes) is accepted for older callers and does not restrict the average."""
     names = [c["name"] for c in classes]
-    unknown = sorted({str(v) for v, k in zip(samples.table["label"].to_numpy(), y) if k < 0})
-    for extra in unknown:  # labels the model never saw: their own (never predicted) classes
-        idx = len(names)
-        names.append(extra if extra not in names else f"{extra} (unseen)")
-        y[np.array([str(v) == extra for v in samples.table["label"].to_numpy()]) & (y < 0)] = idx
-    labels = None
-    if evaluated is not None:
-        labels = [names.index(n) for n in evaluated if n in names]
-    m = classification_metrics(y, proba.argmax(1), names, labels=labels)
-    m["classes_unseen_in_training"] = unknown
-    return m
-
+    y = encode_labels(samples, classes)
+    reference = [names[k] if k >= 0 else str(v) for k, v in zip(y, samples.table["label"].to_numpy())]
+    return label_metrics(reference, proba.argmax(1), names)
 
 
 SCALARS = ("overall_accuracy", "kappa", "macro_f1", "weighted_f1", "miou")
@@ -138,7 +130,7 @@ def held_out(samples, model_dir: Path, names: dict) -> tuple[ParcelSplit, np.nda
     """The parcel split a model was trained with (its ``split.json``), the indices of the samples its
     test parcels hold, and the names of the classes present among them (the evaluated classes)."""
     split = ParcelSplit.from_dict(json.loads((Path(model_dir) / "split.json").read_text()))
-    test = np.nonzero(samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy() == "test")[0]
+    test = np.nonzero(split.row_sides(samples.table) == "test")[0]
     evaluated = sorted({names.get(int(c), str(c)) for c in samples.table["label"].to_numpy()[test]})
     return split, test, evaluated
 

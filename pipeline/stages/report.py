@@ -276,6 +276,22 @@ def _early_season_banner(run_dir: Path, year: int) -> str:
             f"(for {year}, acquisitions up to {year}-{_e(until)}); the model and the accuracy below use those dates only.</p>")
 
 
+def _calibration_section(cal: dict) -> str:
+    """ECE before/after temperature scaling (validation and test) and the pooled reliability diagram."""
+    from cropmap.models.calibration import reliability_figure
+
+    tab = [_row(["pixels", "ECE before", "ECE after", "seeds"], "th")]
+    for part, e in cal["ece"].items():
+        tab.append(_row([part, f"{e['before']:.3f}", f"{e['after']:.3f}", str(e["n_seeds"])]))
+    temps = ", ".join(f"{k}: {v:.3f}" for k, v in cal["temperature"].items())
+    figs = "".join(_png(reliability_figure({"before": r["before"], "after": r["after"]}, f"reliability, {part} pixels (all seeds)"))
+                   for part, r in cal["reliability"].items())
+    worse = [p for p, e in cal["ece"].items() if not e["lower_after"]]
+    note = (f"<p class='banner'>Calibration did <b>not</b> lower the ECE on the {', '.join(worse)} pixels.</p>" if worse else "")
+    return (f"<h2>Calibration of the confidence map</h2><p>{_e(cal['method'])}, fitted on {_e(cal['fitted_on'])}; "
+            f"temperatures {temps}. {_e(cal['binning'])}. {_e(cal['applied_to'])}.</p>{note}<table>{''.join(tab)}</table>{figs}")
+
+
 def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: dict, preview: Path, run_dir: Path,
                  map_path: Path | None = None, labels_dir: Path | None = None, label_tiles: list[str] | None = None,
                  previous_map: Path | None = None, transfer: Path | None = None) -> Path:
@@ -337,6 +353,8 @@ def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: 
         gain = (f"Mean gain of starting from last year's model: overall accuracy {g['overall_accuracy']:+.3f}, macro F1 {g['macro_f1']:+.3f}."
                 if g else "No split had a test parcel on this year's tiles: no comparison.")
         sections.append(f"<h2>Cross-year transfer</h2><p>{_e(t['protocol'])}</p><p>{gain}</p><table>{''.join(tab)}</table>")
+    if m.get("calibration"):
+        sections.append(_calibration_section(m["calibration"]))
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cropmap: {_e(site.name)} {year}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1080px;margin:2em auto;color:#222}}

@@ -168,3 +168,32 @@ def test_summarize_single_run_and_empty():
     assert s["macro_f1"] == {"mean": run["macro_f1"], "std": 0.0}
     with pytest.raises(ValueError):
         summarize_runs([])
+
+
+def test_label_metrics_average_over_test_or_predicted_classes():
+    from cropmap.models.metrics import CLASS_SET_RULE, label_metrics
+
+    # class "c" is predicted but absent from the test reference: it counts with F1 = 0
+    m = label_metrics(["a", "a", "b", "b"], [0, 0, 1, 2], ["a", "b", "c"])
+    assert m["averaged_classes"] == ["a", "b", "c"]
+    assert m["per_class"]["c"]["f1"] == 0.0
+    assert abs(m["macro_f1"] - (1.0 + 2 / 3 + 0.0) / 3) < 1e-9
+    # a reference class the model never saw is its own never-predicted class
+    m = label_metrics(["a", "z"], [0, 0], ["a", "b"])
+    assert m["classes_unseen_in_training"] == ["z"] and m["per_class"]["z"]["f1"] == 0.0
+    assert "b" not in m["averaged_classes"]  # neither in test nor predicted
+    assert m["class_set_rule"] == CLASS_SET_RULE
+
+
+def test_runs_and_benchmarks_share_the_metrics_function():
+    import inspect
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import accuracy
+
+    from cropmap.pipeline.levels import common
+
+    assert "metrics_for" in inspect.getsource(accuracy.evaluate)
+    assert "label_metrics" in inspect.getsource(common.metrics_for)

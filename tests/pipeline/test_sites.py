@@ -72,3 +72,19 @@ def test_a_legend_that_maps_a_code_twice_is_refused(sites_dir, tmp_path):
     write_site(sites_dir, {**demo_doc("twice"), "legend": "twice"})
     with pytest.raises(SiteError, match="source code 5 is mapped to both"):
         load_site("twice")
+
+
+@pytest.mark.parametrize("value", [0, -5, "wide"])
+def test_block_size_is_validated(sites_dir, value):
+    doc = demo_doc("blocks")
+    doc["training"] = {**doc.get("training", {}), "block_size_m": value}
+    write_site(sites_dir, doc)
+    with pytest.raises(SiteError, match="block_size_m"):
+        load_site("blocks")
+
+
+def test_block_splits_are_the_default():
+    from cropmap.pipeline.sites import Training
+
+    assert Training().split == "blocks" and Training().block_size_m == 1000.0
+    assert load_site("demo").training.block_size_m == 320.0

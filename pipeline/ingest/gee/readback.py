@@ -23,6 +23,7 @@ from cropmap.pipeline.ingest.gee.builders import S1_NODATA, Period
 from cropmap.pipeline.ingest.gee.tiles import ExportTile
 from cropmap.pipeline.samples import PixelSamples, long_table_to_samples
 from cropmap.pipeline.sites import Legend, Site
+from cropmap.pipeline.splits import block_split  # noqa: F401  (the shared split logic; re-exported for older imports)
 
 
 def read_shards(paths: list[Path], grid: TileGrid) -> np.ndarray:
@@ -96,13 +97,6 @@ def composite_cube(s2: np.ndarray, s1: np.ndarray | None, periods: list[Period],
 
 
 # ---------------------------------------------------------------- sample tables
-def block_split(block_x: np.ndarray, block_y: np.ndarray, seed: int, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """train/val/test per spatial block: a seeded integer hash of the block, so no block straddles splits."""
-    h = (np.asarray(block_x, np.int64) * 73856093) ^ (np.asarray(block_y, np.int64) * 19349663) ^ (seed * 83492791)
-    u = (h % 10007) / 10007.0
-    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
-
-
 def block_parcel_id(block_x: np.ndarray, block_y: np.ndarray) -> np.ndarray:
     """A positive int64 id per spatial block (the split unit of table samples, see :func:`samples_from_table`)."""
     bx, by = np.asarray(block_x, np.int64), np.asarray(block_y, np.int64)

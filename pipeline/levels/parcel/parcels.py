@@ -182,6 +182,7 @@ def tile_parcel_sets(cube: xr.Dataset, parcel_raster: np.ndarray, parcels: pd.Da
     skipped: Counter = Counter()
     rows, v2s, dd2, l2, v1s, dd1, l1, npx, geoms = [], [], [], [], [], [], [], [], []
     width = parcel_raster.shape[1]
+    cx, cy = np.asarray(cube["x"].values, np.float64), np.asarray(cube["y"].values, np.float64)  # pixel centres
     for _, rec in parcels.iterrows():
         pid = int(rec["parcel_id"])
         a, b = np.searchsorted(ids_sorted, pid, "left"), np.searchsorted(ids_sorted, pid, "right")
@@ -235,7 +236,9 @@ def tile_parcel_sets(cube: xr.Dataset, parcel_raster: np.ndarray, parcels: pd.Da
             area, perim = raster_geometry(sub, res)
         cover = len(pix) * res * res / area if area > 0 else 0.0
         geoms.append([area, perim, cover, perim / area if area > 0 else 0.0])
+        centre_r, centre_c = np.divmod(pix, width)
         rows.append({**rec.to_dict(), "tile": str(cube.attrs["tile"]), "season_year": year, "epsg": int(cube.attrs["epsg"]),
+                     "x": float(cx[centre_c].mean()), "y": float(cy[centre_r].mean()),  # centroid: the parcel's split block
                      "n_pixels": int(len(pix)), "n_pixels_stored": int(len(take)), "area_m2": area, "perimeter_m": perim,
                      "cover_ratio": cover, "s2_dates": int(keep2.sum()), "s1_dates": int(keep1.sum())})
 

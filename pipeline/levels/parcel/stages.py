@@ -25,6 +25,7 @@ import rasterio
 from rasterio.windows import Window
 
 from cropmap.models.forest import binned_features
+from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.parcel.batch import ParcelSets
 from cropmap.models.parcel.training import ParcelFitConfig
 from cropmap.models.series import Series
@@ -54,17 +55,16 @@ from cropmap.pipeline.levels.parcel.parcels import (
 from cropmap.pipeline.levels.parcel.train import ParcelOptions, predict_parcels, train_parcel_model
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.sites import Site
-from cropmap.pipeline.splits import parcel_split
+from cropmap.pipeline.splits import split_for
 from cropmap.pipeline.stages.maps import MapClass, MapWriter, write_preview
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = (
-    "Parcel-level metrics: one prediction per held-out parcel. Parcels are split per class with a seeded shuffle: about "
-    "{test:.0%} of each class's parcels are held out for test (at least one), the rest train{val}; a class with a single "
+    "Split: {split} (a parcel's block is that of its centroid). Parcel-level metrics: one prediction per held-out parcel; about "
+    "{test:.0%} of each class's parcels are held out for test, the rest train{val}; a class without a test "
     "parcel is train-only and not evaluated. Model: {model} ({fusion} fusion, sensors {sensors}{exp}). Repeated over split "
-    "seeds {seeds}; figures are mean and sample standard deviation over the seeds; macro F1 and mIoU average over the "
-    "evaluated classes. The random forest baseline (30-day medians of the parcel-mean optical and radar series) is trained "
+    "seeds {seeds}; figures are mean and sample standard deviation over the seeds; {class_rule}. The random forest baseline (30-day medians of the parcel-mean optical and radar series) is trained "
     "and tested on the same parcels. The map is made with the model of seed {seed0}."
 )
 
@@ -150,7 +150,8 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
 
     def trained_parcels(samples) -> pd.DataFrame:
         t = samples.table
-        return t[t["tile"].isin(trained_ids)][["parcel_id", "label", "class_name"]]
+        cols = ["parcel_id", "label", "class_name", *(c for c in ("x", "y", "epsg") if c in t.columns)]
+        return t[t["tile"].isin(trained_ids)][cols]
 
     def parcel_train(ctx: StageContext) -> dict[str, str]:
         samples = load_parcel_store(ctx.upstream["parcel_tensors"]["samples"])
@@ -160,7 +161,9 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
         feats = parcel_mean_features(samples.sets)
         report = {}
         for seed in tr.split_seeds:
-            split = parcel_split(trained_parcels(samples), seed, tr.test_fraction, tr.val_fraction)
+            table = trained_parcels(samples)
+            split = split_for(table, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
+                              dict(zip(table["label"], table["class_name"])), parcels=table)
             side = {k: np.array(sorted(pos[p] for p, s in split.assignment.items() if s == k), np.int64) for k in ("train", "val", "test")}
             cfg = ParcelFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
                                   class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, patience=pc.patience,
@@ -257,12 +260,12 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
             boost_m = ({"boosting": metrics_for(test_samples, read_baseline(boost, "parcel_id", test_samples.table["parcel_id"], len(meta["classes"]),
                                                                           f"parcels of seed {seed}"), meta["classes"], evaluated)}
                        if boost.is_file() else {})
-            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
+            runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only, "split": split.protocol,
                          "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
                          "model": model_m, "baseline": base_m, **boost_m})
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
-        protocol = PROTOCOL.format(test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,
+        protocol = PROTOCOL.format(split=runs[0].get("split", "parcel-disjoint"), class_rule=CLASS_SET_RULE, test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,
                                    fusion=opts.fusion, sensors=opts.sensors, exp=exp,
                                    val=(f" (about {tr.val_fraction:.0%} held out for validation: best validation mIoU)" if tr.val_fraction > 0
                                         else f" for a fixed {n_epochs} epochs (no validation split)"))

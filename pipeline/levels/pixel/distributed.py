@@ -370,11 +370,12 @@ def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Pa
     import rasterio
     from rasterio.windows import Window
 
-    from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, map_classes, site_grid, summary_of
+    from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, calibration_tags, map_classes, site_grid, summary_of
     from cropmap.pipeline.stages.maps import MapWriter
 
     rows = rows_per_block or ROWS_PER_BLOCK
     model_dir = Path(model_dir)
+    tags = {**(tags or {}), **calibration_tags(json.loads((model_dir / "config.json").read_text()))}
     model_key = sha256_path(model_dir / "model.safetensors") + sha256_path(model_dir / "config.json")
     jobs = [TileJob(Path(p).name.removesuffix(".zarr"), _key(PREDICT_TILE_VERSION, model_key, _stamp(p), site.model_dump(mode="json"),
                                                              rows, device),

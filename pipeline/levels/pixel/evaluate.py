@@ -13,7 +13,7 @@ import numpy as np
 
 from cropmap.models.training import predict_proba
 from cropmap.pipeline.errors import ModelError, SamplesError
-from cropmap.pipeline.levels.common import metrics_for
+from cropmap.pipeline.levels.common import encode_labels, metrics_for
 from cropmap.pipeline.levels.pixel.train import as_series, load_model_dir
 from cropmap.pipeline.samples import PixelSamples, from_ragged
 
@@ -54,3 +54,19 @@ def evaluate_model(model_dir: Path, samples: PixelSamples, device: str | None = 
     m["model"] = meta["model"]
     m["protocol"] = "every sample passed is evaluated; deterministic (evenly spaced observations when a series is longer than the model's max_len)"
     return m
+
+
+def calibration_of_seed(model_dir: Path, meta: dict, val_samples: PixelSamples | None, test_proba: np.ndarray,
+                        test_samples: PixelSamples, device: str | None = None) -> dict | None:
+    """ECE before and after the model's stored temperature (fitted on its validation pixels at
+    training) on the validation and the test pixels of one seed; ``None`` for an uncalibrated model."""
+    from cropmap.models.calibration import seed_calibration
+
+    cal = meta.get("calibration")
+    if not cal:
+        return None
+    pv = yv = None
+    if val_samples is not None and len(val_samples):
+        pv, _, aligned_val = predict_samples(model_dir, val_samples, device)
+        yv = encode_labels(aligned_val, meta["classes"])
+    return seed_calibration(cal["temperature"], pv, yv, test_proba, encode_labels(test_samples, meta["classes"]))

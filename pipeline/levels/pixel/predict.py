@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from rasterio.windows import Window
 
+from cropmap.models.calibration import scale as scale_temperature
 from cropmap.models.inference import Prefetcher, Views, compiled, dense_views, host_tensors, predict_views
 from cropmap.models.series import Series
 from cropmap.models.training import predict_proba, resolve_device
@@ -157,6 +158,8 @@ class TilePredictor:
             label_to_code[c["index"]] = int(c["label"])
         self.lut = np.array([label_to_code[i] for i in range(len(meta["classes"]))], dtype=np.uint8)
         self.s1_window = int(meta.get("inputs", {}).get("s1_window_days", 0))  # build series as in training
+        # the confidence is the top-class probability after temperature scaling (fitted on validation pixels)
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
 
     def check_tile(self, site: Site, cube, path: Path) -> Window:
         """The tile's full window in the site grid (raises when it is off-grid, outside or has other bands)."""
@@ -191,6 +194,8 @@ class TilePredictor:
         if len(v):
             proba = predict_views(self.fast_model, v, self.view_batch, self.dev, self.amp, host)
             has = np.bincount(v.owner, minlength=npx) > 0
+            if self.temperature != 1.0:  # calibrated confidence (the class is unchanged: scaling keeps the order)
+                proba[has] = scale_temperature(proba[has], self.temperature)
             cls[has] = self.lut[proba[has].argmax(1)]
             conf[has] = proba[has].max(1)
         return cls.reshape(shape), conf.reshape(shape)
@@ -250,6 +255,8 @@ class TilePredictor:
             offsets = np.concatenate([[0], np.cumsum(lengths[has])])
             series = Series(values[rows], days[rows], offsets)
             proba = predict_proba(self.model, series, self.mean, self.std, int(self.meta["max_len"]), self.batch_size, self.device)
+            if self.temperature != 1.0:
+                proba = scale_temperature(proba, self.temperature)
             cls[has] = self.lut[proba.argmax(1)]
             conf[has] = proba.max(1)
         return cls.reshape(r1 - r0, width), conf.reshape(r1 - r0, width)
@@ -270,11 +277,20 @@ def summary_of(legend: Legend, counts: np.ndarray, width: int, height: int, wind
     }
 
 
+def calibration_tags(meta: dict) -> dict[str, str]:
+    """Dataset tags saying how the confidence map was calibrated (temperature fitted on validation pixels)."""
+    cal = meta.get("calibration")
+    if not cal:
+        return {"cropmap_confidence_calibration": "none (raw top-class softmax probability)"}
+    return {"cropmap_confidence_calibration": f"temperature scaling, T={cal['temperature']:.4f}, fitted on {cal.get('n', '?')} validation pixels"}
+
+
 def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: Path, map_path: Path,
                  confidence_path: Path, *, rows_per_block: int = ROWS_PER_BLOCK, device: str | None = None,
                  tags: dict[str, str] | None = None, on_block: Callable[[int], None] | None = None) -> dict:
     """Write the class and confidence COGs in this process; returns per-class pixel counts and the tile windows."""
     predictor = TilePredictor(legend, model_dir, device)
+    tags = {**(tags or {}), **calibration_tags(predictor.meta)}
     transform, width, height = site_grid(site)
     counts = np.zeros(256, dtype=np.int64)
     windows: list[tuple[str, Window]] = []

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import cropmap
@@ -35,8 +36,11 @@ METHODS = ("moco",)
 def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moco", model_name: str = "stnet",
                      model_options: dict | None = None, config: MoCoConfig | None = None,
                      on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
-                     extra_meta: dict | None = None) -> dict:
-    """Pre-train ``model_name``'s encoder on ``samples`` and write the encoder directory ``out_dir`` atomically."""
+                     extra_meta: dict | None = None, normalisation: tuple | None = None) -> dict:
+    """Pre-train ``model_name``'s encoder on ``samples`` and write the encoder directory ``out_dir`` atomically.
+
+    ``normalisation`` (band means, stds) replaces the statistics of ``samples`` (e.g. those of a
+    benchmark's training split, so pre-trained and from-scratch models normalise alike)."""
     if method not in METHODS:
         raise ModelError(f"unknown pre-training method {method!r}", fix=f"choose one of: {', '.join(METHODS)}")
     if model_name not in model_names("pixel"):
@@ -52,7 +56,7 @@ def pretrain_encoder(samples: PixelSamples, out_dir: Path, *, method: str = "moc
     series = as_series(samples)
     if int((series.lengths > 0).sum()) < 4:
         raise SamplesError(f"only {int((series.lengths > 0).sum())} series with observations", fix="pass more (unlabelled) samples")
-    mean, std = band_statistics(series)
+    mean, std = band_statistics(series) if normalisation is None else (np.asarray(v, np.float32) for v in normalisation)
     torch.manual_seed(cfg.seed)
     try:
         model, model_config = build_model(model_name, bands=samples.bands, n_classes=1, mean=mean.tolist(), std=std.tolist(),

@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 import rasterio
 
+from cropmap.models.calibration import summarize_calibration
 from cropmap.models.forest import binned_features
+from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.training import FitConfig
 from cropmap.pipeline.cube import open_cube
 from cropmap.pipeline.errors import StageError
@@ -39,7 +41,7 @@ from cropmap.pipeline.levels.common import (
     write_forest_baseline,
 )
 from cropmap.pipeline.levels.pixel import transfer
-from cropmap.pipeline.levels.pixel.evaluate import predict_samples
+from cropmap.pipeline.levels.pixel.evaluate import calibration_of_seed, predict_samples
 from cropmap.pipeline.levels.pixel.predict import predict_site
 from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
 from cropmap.pipeline.levels.pixel.tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
@@ -47,19 +49,19 @@ from cropmap.pipeline.levels.pixel.train import as_series, train_model
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.samples import load_store, save_store
 from cropmap.pipeline.sites import Legend
-from cropmap.pipeline.splits import ParcelSplit, parcel_split
+from cropmap.pipeline.splits import ParcelSplit, split_for
 from cropmap.pipeline.stages.maps import write_preview
 from cropmap.pipeline.stages.stac import write_map_item
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = (
-    "Pixel-level metrics on the pixels of held-out parcels only. Parcels (connected regions of one "
-    "crop in the label raster) are split per class with a seeded shuffle: about {test:.0%} of each "
-    "class's parcels are held out for test (at least one), the rest train{val}; a class with a "
-    "single parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
+    "Split: {split}. Pixel-level metrics on the test pixels only. Parcels (connected regions of one "
+    "crop in the label raster) never straddle sides: about {test:.0%} of each "
+    "class's parcels are held out for test, the rest train{val}; a class without a test "
+    "parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
-    "macro F1 and mIoU average over the evaluated classes. The random forest baseline is trained "
+    "{class_rule}. The random forest baseline is trained "
     "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
     "model of seed {seed0}."
 )
@@ -122,7 +124,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         return p
 
     def split_indices(samples, split: ParcelSplit, seed: int) -> dict[str, np.ndarray]:
-        side = samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy()
+        side = split.row_sides(samples.table)
         rng = np.random.default_rng(seed)
         train = []
         for _, g in samples.table[side == "train"].groupby("parcel_id"):
@@ -165,7 +167,9 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
         report = {}
         for seed in tr.split_seeds:
-            split = parcel_split(parcels, seed, tr.test_fraction, tr.val_fraction)
+            rows = samples.table[samples.table["parcel_id"].isin(parcels["parcel_id"])]
+            split = split_for(rows, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
+                              samples.class_names, parcels=parcels)
             idx = split_indices(samples, split, seed)
             cfg = fit_config(seed)
             init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
@@ -220,13 +224,18 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
     def evaluate(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
         models_dir, base_dir = ctx.upstream["train"]["models"], ctx.upstream["train"]["baselines"]
-        runs = []
+        runs, calibration = [], {}
         for seed in tr.split_seeds:
             mdir = models_dir / f"seed-{seed}"
             split, test, evaluated = held_out(samples, mdir, samples.class_names)
+            side = split.row_sides(samples.table)
             test_samples = samples.subset(test)
             proba, meta, aligned = predict_samples(mdir, test_samples, device)
             model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+            val = np.nonzero(side == "val")[0]
+            cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if cal is not None:
+                calibration[f"seed-{seed}"] = cal
             base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
                                  f"pixels of seed {seed}")
             base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
@@ -235,8 +244,12 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                                                                           f"pixels of seed {seed}"), meta["classes"], evaluated)}
                        if boost.is_file() else {})
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
-                         "parcels_per_class": split.parcels_per_class, "model": model_m, "baseline": base_m, **boost_m})
+                         "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
+                         "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
+                         "model": model_m, "baseline": base_m, **boost_m})
         doc = _metrics_document(runs, tr, legend)
+        if calibration:
+            doc["calibration"] = summarize_calibration(calibration)
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},
                           baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
@@ -280,9 +293,10 @@ def _tile_pixels(path: Path) -> int:
 
 
 def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
+    split = runs[0].get("split", "parcel-disjoint")
     protocol = PROTOCOL.format(
-        test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
+        split=split, class_rule=CLASS_SET_RULE, test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
         val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
              if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)"))
-    return metrics_document(runs, protocol=protocol, head={"model": tr.model, "pretraining": tr.pretrain.method},
+    return metrics_document(runs, protocol=protocol, head={"split": split, "model": tr.model, "pretraining": tr.pretrain.method},
                             baseline_model="random_forest (500 trees, depth 25, 30-day median features)")

@@ -26,7 +26,7 @@ from cropmap.models.pixel.presto import EMBED_MAX_OBS, PrestoClassifier, fit_emb
 from cropmap.models.pixel.presto import data_options as presto_data_options
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
-from cropmap.models.training import FitConfig, FitResult, fit, resolve_device
+from cropmap.models.training import FitConfig, FitResult, fit, predict_proba, resolve_device
 from cropmap.models.training_log import TrainingLog, write_history
 from cropmap.pipeline.errors import ModelError, SamplesError
 from cropmap.pipeline.fsio import atomic_path, ensure_writable_dir
@@ -86,13 +86,15 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
                 model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
                 model_options: dict | None = None, extra_meta: dict | None = None, extra_files: dict[str, object] | None = None,
                 on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
-                resume: bool = True) -> dict:
+                resume: bool = True, normalisation: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta.
 
     While training, ``OUT.training/`` holds ``history.csv``, TensorBoard logs and a checkpoint of
     the last epoch; an interrupted training with the same data and configuration resumes from it
     (``resume=False`` starts again). ``pretrained`` (a model or ``cropmap pretrain`` encoder
     directory) fixes the architecture and normalisation and initialises every non-decoder weight.
+    ``normalisation`` (band means, stds) replaces the training samples' statistics when there is no
+    ``pretrained`` directory (benchmarks use it to normalise paired rows identically).
     """
     cfg = fit_config or FitConfig()
     if model_name not in model_names("pixel"):
@@ -114,6 +116,8 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
         mean = np.asarray(pmeta["normalisation"]["mean"], np.float32)
         std = np.asarray(pmeta["normalisation"]["std"], np.float32)
         options = {**{k: v for k, v in pmeta["model_config"].items() if k not in ARCHITECTURE_EXCLUDE}, **options}
+    elif normalisation is not None:
+        mean, std = (np.asarray(v, np.float32) for v in normalisation)
     else:
         mean, std = band_statistics(series, train_idx)
     options = {**data_options_for(model_name, samples, train_idx), **options}  # e.g. Presto's month window and location
@@ -146,6 +150,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     finally:
         if tlog is not None:
             tlog.close()
+    calibration = _calibrate(model, sub(val_idx), y[val_idx], mean, std, cfg) if len(val_idx) else None
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -160,6 +165,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
                 "pretrained": str(pretrained) if pretrained else None},
         "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
+        "calibration": calibration,
         "cropmap_version": cropmap.__version__,
         "torch_version": torch.__version__,
         **(extra_meta or {}),
@@ -214,6 +220,19 @@ def _train_embedding_head(model: PrestoClassifier, samples: PixelSamples, train_
         write_directory(out_dir, work_dir_for(out_dir), lambda tmp: save_model(tmp, model, meta), [], extra_files)
     ddp.barrier()
     return meta
+
+
+def _calibrate(model, val: Series, y_val: np.ndarray, mean: np.ndarray, std: np.ndarray, cfg: FitConfig) -> dict | None:
+    """Temperature scaling fitted on the validation samples (:mod:`cropmap.models.calibration`), with
+    the validation ECE before and after; ``None`` when no validation sample has a training class."""
+    from cropmap.models.calibration import before_after, fit_temperature
+
+    if not (y_val >= 0).any():
+        return None
+    proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, cfg.device, amp=cfg.amp)
+    fitted = fit_temperature(proba, y_val)
+    rel = before_after(proba[y_val >= 0], y_val[y_val >= 0], fitted["temperature"])
+    return {**fitted, "validation_ece": {"before": rel["before"]["ece"], "after": rel["after"]["ece"]}}
 
 
 def epoch_logger(work: Path, on_epoch: Callable[[dict], None] | None) -> tuple[TrainingLog, Callable[[dict], None]]:

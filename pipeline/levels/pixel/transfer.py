@@ -60,7 +60,7 @@ def transfer_stage(*, year: int, year_tiles: set[str], seeds: list[int], previou
             idx = split_indices(samples, split, seed)
             scratch = ctx.path(f"transfer/scratch-seed-{seed}")
             meta = train(ctx, samples, idx["train"], idx["val"], scratch, fit_config(seed))
-            side = samples.table["parcel_id"].map(split.assignment).fillna("none").to_numpy()
+            side = split.row_sides(samples.table)
             on_year = samples.table["tile"].isin(year_tiles).to_numpy()
             test = np.nonzero((side == "test") & on_year)[0]
             if len(test) == 0:

@@ -77,7 +77,8 @@ def test_metrics_are_honest_and_compare_to_the_forest(demo_run):
     m = json.loads((run_dir / "metrics.json").read_text())
     for k in ("overall_accuracy", "kappa", "macro_f1", "weighted_f1", "miou", "per_class", "n_samples", "protocol"):
         assert k in m
-    assert "held-out parcels" in m["protocol"]
+    assert "spatial blocks of 320 m" in m["protocol"] and "spatial blocks" in m["split"]
+    assert "absent from the test set counts with F1 = 0" in m["protocol"]
     assert m["n_runs"] == 2 and m["train_only_classes"] == ["sugar beet"]
     assert "sugar beet" not in m["evaluated_classes"] and "maize" in m["evaluated_classes"]
     assert 0 <= m["baseline"]["overall_accuracy"] <= 1 and "overall_accuracy_gain" in m["comparison"]
@@ -93,6 +94,35 @@ def test_metrics_are_honest_and_compare_to_the_forest(demo_run):
         assert sides["test"] and not (sides["test"] & sides["train"])
     model_cfg = json.loads((run_dir / "models" / "seed-0" / "config.json").read_text())
     assert model_cfg["model"] == "stnet" and len(model_cfg["normalisation"]["mean"]) == 12
+    # calibrated on validation pixels, ECE before/after on validation and test (15 bins)
+    assert model_cfg["calibration"]["fitted_on"] == "validation" and model_cfg["calibration"]["temperature"] > 0
+    cal = m["calibration"]
+    assert set(cal["ece"]) == {"validation", "test"} and "15 equal-width bins" in cal["binning"]
+    for part in ("validation", "test"):
+        assert 0 <= cal["ece"][part]["after"] <= 1 and 0 <= cal["ece"][part]["before"] <= 1
+    with rasterio.open(run_dir / "map" / "confidence.tif") as ds:
+        assert "temperature scaling" in ds.tags()["cropmap_confidence_calibration"]
+
+
+def test_no_test_pixel_shares_a_spatial_block_with_training_or_validation_pixels(demo_run):
+    """On the real demo run: by the pixels' own coordinates, every 320 m block used holds one side only."""
+    from cropmap.pipeline.samples import load_store
+    from cropmap.pipeline.splits import ParcelSplit
+
+    run_dir, _ = demo_run
+    samples = load_store(run_dir / "samples" / "pixels", mmap=False)
+    t = samples.table
+    block = np.floor(t["x"] / 320).astype(int).astype(str) + ":" + np.floor(t["y"] / 320).astype(int).astype(str)
+    for seed in (0, 1):
+        split = ParcelSplit.from_dict(json.loads((run_dir / "models" / f"seed-{seed}" / "split.json").read_text()))
+        side = split.row_sides(t)
+        blocks = {s: set(block[side == s]) for s in ("train", "val", "test")}
+        assert blocks["test"] and blocks["train"] and blocks["val"]
+        assert not blocks["test"] & (blocks["train"] | blocks["val"]), seed
+        assert not blocks["val"] & blocks["train"], seed
+        # and no parcel has pixels on two sides
+        used = pd.DataFrame({"p": t["parcel_id"], "s": side})[side != "excluded"]
+        assert (used.groupby("p")["s"].nunique() == 1).all()
     assert "<html" in (run_dir / "report.html").read_text()
 
 
