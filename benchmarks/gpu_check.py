@@ -213,9 +213,16 @@ def ddp_smoke(device: str, sz: dict) -> dict:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.zeros_like(flat)]
         dist.all_gather(gathered, flat)
-        return {"backend": backend, "world_size": dist.get_world_size(), "samples_s": sz["train_batch"] / s,
-                "loss_finite": bool(np.isfinite(losses).all()), "steps": len(losses),
-                "weights_in_sync": bool(torch.equal(gathered[0], flat))}
+        out = {"backend": backend, "world_size": dist.get_world_size(), "samples_s": sz["train_batch"] / s,
+               "loss_finite": bool(np.isfinite(losses).all()), "steps": len(losses),
+               "weights_in_sync": bool(torch.equal(gathered[0], flat))}
+        # release the DDP reducer (it holds the process group) before the group is destroyed: freed after,
+        # its destructor joins the group's threads and can deadlock
+        ddp = opt = step = None  # noqa: F841  (drops the closure cells too)
+        import gc
+
+        gc.collect()
+        return out
     finally:
         dist.destroy_process_group()
 

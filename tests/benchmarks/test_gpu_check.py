@@ -18,11 +18,17 @@ def load():
     return mod
 
 
-def test_gpu_check_on_cpu_prints_every_section(tmp_path, capsys):
-    gc = load()
+def test_gpu_check_on_cpu_prints_every_section(tmp_path):
+    """The script as a user runs it, in its own process (its DDP smoke run owns a process group)."""
+    import json
+    import subprocess
+    import sys
+
     out = tmp_path / "check.json"
-    doc = gc.main(["--device", "auto", "--size", "tiny", "--threads", "1", "--models", "tempcnn", "ltae", "--json", str(out)])
-    text = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "auto", "--size", "tiny", "--threads", "1", "--models", "tempcnn", "ltae",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text, doc = proc.stdout, json.loads(out.read_text())
     for section in ("## matmul", "## pixel models", "## host series", "## DDP smoke", "## patch model", "## Iowa projection"):
         assert section in text
     assert doc["device"] == "cpu" and out.is_file()
