@@ -180,26 +180,26 @@ def _batch(s, idx, mean, std):
 def test_shuffle_bn_keys_are_unshuffled_and_use_other_batch_statistics():
     from cropmap.models.pretrain.moco import has_batch_norm
 
-    s = synthetic(16)
+    s = synthetic(64)  # 4 sub-batches of MIN_BN_GROUP (16) series
     model, mean, std = encoder(s)
     assert has_batch_norm(model)
     moco = MoCo(model, queue_size=32, shuffle_bn_groups=4)
-    batch = _batch(s, np.arange(16), mean, std)
+    batch = _batch(s, np.arange(64), mean, std)
     moco.train()
     moco.encoder_k.eval()  # the shuffled path, but running statistics: un-permuted keys equal the plain ones
     plain = F_normalize_key(moco, batch)
-    assert moco._groups(16) == 4
+    assert moco._groups(64) == 4 and moco._groups(32) == 2 and moco._groups(16) == 1
     assert torch.allclose(moco.key(batch), plain, atol=1e-5)
     # train mode: each key is normalised with its shuffled sub-batch, each query with its contiguous one
     moco.train()
     torch.manual_seed(1)  # dropout draws alike in every call below
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     k1 = moco.key(batch, generator=g)
     # the key of series i depends only on its own sub-batch of the permutation: change a series outside it
     pos = int(torch.nonzero(perm == 0)[0])  # series 0 sits at position pos of the shuffled batch
-    group = set(perm[(pos // 4) * 4:(pos // 4) * 4 + 4].tolist())
-    outside = next(i for i in range(16) if i not in group)
+    group = set(perm[(pos // 16) * 16:(pos // 16) * 16 + 16].tolist())
+    outside = next(i for i in range(64) if i not in group)
     changed = {k: v.clone() for k, v in batch.items()}
     changed["x"][outside] += 3.0
     torch.manual_seed(1)
@@ -211,11 +211,11 @@ def test_shuffle_bn_keys_are_unshuffled_and_use_other_batch_statistics():
     torch.manual_seed(1)
     k3 = moco.key(changed, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(k1[0], k3[0], atol=1e-4)
-    # queries: contiguous sub-batches of 4, so series 0's query ignores series 4..15 but not 1..3
+    # queries: contiguous sub-batches of 16, so series 0's query ignores series 16..63 but not 1..15
     torch.manual_seed(1)
     q1 = moco.query(batch)
     changed = {k: v.clone() for k, v in batch.items()}
-    changed["x"][8] += 3.0
+    changed["x"][40] += 3.0
     torch.manual_seed(1)
     assert torch.allclose(moco.query(changed)[0], q1[0], atol=1e-5)
     changed["x"][1] += 3.0
