@@ -169,3 +169,15 @@ def read_baseline(path: Path, id_column: str, test_ids: np.ndarray, n_classes: i
     if list(base[id_column]) != list(test_ids):
         raise StageError(f"baseline predictions {Path(path).name} do not match the test {what}", fix="rerun with --force")
     return base[[f"p{i}" for i in range(n_classes)]].to_numpy()
+
+
+def baseline_metrics(base_dir: Path, seed: int, id_column: str, test_samples, classes: list[dict], evaluated: list[str], what: str) -> dict:
+    """``{"baseline": forest metrics, "boosting": boosting metrics}`` of one split seed's test samples, from the
+    predictions the train stage wrote (``boosting`` only where its file exists)."""
+    ids = test_samples.table[id_column]
+    out = {}
+    for key, name in (("baseline", "forest"), ("boosting", "boosting")):
+        path = Path(base_dir) / f"{name}-seed-{seed}.parquet"
+        if key == "baseline" or path.is_file():
+            out[key] = metrics_for(test_samples, read_baseline(path, id_column, ids, len(classes), f"{what} of seed {seed}"), classes, evaluated)
+    return out

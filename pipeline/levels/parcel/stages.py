@@ -35,12 +35,12 @@ from cropmap.pipeline.fsio import atomic_path, write_json
 from cropmap.pipeline.grid import site_grid, tile_window
 from cropmap.pipeline.levels import RunInputs
 from cropmap.pipeline.levels.common import (
+    baseline_metrics,
     class_table,
     encode_labels,
     held_out,
     metrics_document,
     metrics_for,
-    read_baseline,
     write_boosting_baseline,
     write_forest_baseline,
 )
@@ -253,16 +253,10 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
                 full[keep] = proba
                 proba = full
             model_m = metrics_for(test_samples, proba, meta["classes"], evaluated)
-            base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "parcel_id", test_samples.table["parcel_id"], len(meta["classes"]),
-                                 f"parcels of seed {seed}")
-            base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
-            boost = base_dir / f"boosting-seed-{seed}.parquet"
-            boost_m = ({"boosting": metrics_for(test_samples, read_baseline(boost, "parcel_id", test_samples.table["parcel_id"], len(meta["classes"]),
-                                                                          f"parcels of seed {seed}"), meta["classes"], evaluated)}
-                       if boost.is_file() else {})
+            baselines = baseline_metrics(base_dir, seed, "parcel_id", test_samples, meta["classes"], evaluated, "parcels")
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only, "split": split.protocol,
                          "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
-                         "model": model_m, "baseline": base_m, **boost_m})
+                         "model": model_m, **baselines})
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
         protocol = PROTOCOL.format(split=runs[0].get("split", "parcel-disjoint"), class_rule=CLASS_SET_RULE, test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,

@@ -31,12 +31,12 @@ from cropmap.pipeline.errors import StageError
 from cropmap.pipeline.fsio import write_json
 from cropmap.pipeline.levels import RunInputs
 from cropmap.pipeline.levels.common import (
+    baseline_metrics,
     class_table,
     encode_labels,
     held_out,
     metrics_document,
     metrics_for,
-    read_baseline,
     write_boosting_baseline,
     write_forest_baseline,
 )
@@ -236,17 +236,11 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
             if cal is not None:
                 calibration[f"seed-{seed}"] = cal
-            base = read_baseline(base_dir / f"forest-seed-{seed}.parquet", "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
-                                 f"pixels of seed {seed}")
-            base_m = metrics_for(test_samples, base, meta["classes"], evaluated)
-            boost = base_dir / f"boosting-seed-{seed}.parquet"
-            boost_m = ({"boosting": metrics_for(test_samples, read_baseline(boost, "sample_id", test_samples.table["sample_id"], len(meta["classes"]),
-                                                                          f"pixels of seed {seed}"), meta["classes"], evaluated)}
-                       if boost.is_file() else {})
+            baselines = baseline_metrics(base_dir, seed, "sample_id", test_samples, meta["classes"], evaluated, "pixels")
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
                          "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
                          "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
-                         "model": model_m, "baseline": base_m, **boost_m})
+                         "model": model_m, **baselines})
         doc = _metrics_document(runs, tr, legend)
         if calibration:
             doc["calibration"] = summarize_calibration(calibration)
