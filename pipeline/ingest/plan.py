@@ -357,6 +357,22 @@ def _leaf_states(name: str, jobs: dict[str, dict]) -> list[tuple[str, str, dict 
     return [(name, state, j)]
 
 
+def _read_polygons(path: Path, what: str, *, missing: str = "", missing_fix: str = "pass a GeoJSON, GeoPackage or Shapefile"):
+    """A polygon file (a site's boundary, or the polygon a site is made from) as a GeoDataFrame with a CRS;
+    one clear :class:`SiteError` when it is missing, unreadable or has no CRS."""
+    import geopandas as gpd
+
+    if not path.is_file():
+        raise SiteError(f"{what} file {str(path)!r}{missing} does not exist", fix=missing_fix)
+    try:
+        df = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises many kinds for a damaged or foreign file
+        raise SiteError(f"cannot read {what} file {str(path)!r} ({type(exc).__name__})", fix="pass a GeoJSON, GeoPackage or Shapefile") from None
+    if df.crs is None:
+        raise SiteError(f"{what} file {path.name} has no CRS", fix="add its CRS (GeoJSON is WGS 84)")
+    return df
+
+
 # ---------------------------------------------------------------- the plan
 def _geometry(site: Site):
     """(shapely geometry in the site CRS, description) the inside shares are computed against."""
@@ -365,17 +381,8 @@ def _geometry(site: Site):
     b = site.boundary
     if b is not None and b.file:
         path = b.resolved_file()
-        if not path.is_file():
-            raise SiteError(f"boundary file {str(path)!r} of site {site.name!r} does not exist", fix="fix boundary.file or remove it")
-        import geopandas as gpd
-
-        try:
-            df = gpd.read_file(path)
-        except Exception as exc:  # pyogrio raises many kinds for a damaged or foreign file
-            raise SiteError(f"cannot read boundary file {str(path)!r} ({type(exc).__name__})", fix="pass a GeoJSON, GeoPackage or Shapefile") from None
-        if df.crs is None:
-            raise SiteError(f"boundary file {path.name} has no CRS", fix="add its CRS (GeoJSON is WGS 84)")
-        geom = df.to_crs(site.crs).union_all()
+        geom = _read_polygons(path, "boundary", missing=f" of site {site.name!r}", missing_fix="fix boundary.file or remove it")
+        geom = geom.to_crs(site.crs).union_all()
         return geom, f"polygon file {path} ({geom.area / 1e6:,.0f} km2 in {site.crs})"
     where = f"; the exact geometry is {b.collection} {b.filter} in Earth Engine (not read offline)" if b and b.collection else ""
     return box(*site.extent), f"the site extent rectangle {list(site.extent)} (no boundary.file{where}): every tile lies inside it"
@@ -675,18 +682,8 @@ ZONE_OVERLAP_DEG = 0.03
 
 
 def _read_polygon_lonlat(path: Path):
-    import geopandas as gpd
-
     path = Path(path)
-    if not path.is_file():
-        raise SiteError(f"polygon file {str(path)!r} does not exist", fix="pass a GeoJSON, GeoPackage or Shapefile")
-    try:
-        df = gpd.read_file(path)
-    except Exception as exc:  # pyogrio raises many kinds for a damaged or foreign file
-        raise SiteError(f"cannot read polygon file {str(path)!r} ({type(exc).__name__})", fix="pass a GeoJSON, GeoPackage or Shapefile") from None
-    if df.crs is None:
-        raise SiteError(f"polygon file {path.name} has no CRS", fix="add its CRS (GeoJSON is WGS 84)")
-    geom = df.to_crs(4326).union_all()
+    geom = _read_polygons(path, "polygon").to_crs(4326).union_all()
     if geom.is_empty or geom.area == 0:
         raise SiteError(f"polygon file {path.name} holds no polygon area", fix="pass the site's boundary polygon(s)")
     return geom
