@@ -51,7 +51,8 @@ from convert_points import convert_all  # noqa: E402
 
 from cropmap.models.forest import binned_features, make_forest  # noqa: E402
 from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
-from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
+from cropmap.pipeline.levels.pixel.evaluate import predict_samples  # noqa: E402
+from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, train_model  # noqa: E402
 from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_scores  # noqa: E402
 from cropmap.pipeline.sites import Training  # noqa: E402
 
@@ -179,15 +180,12 @@ def fit_deep(name: str, samples, train, y_seen, seed, recipe, work: Path, n_clas
     out = work / f"{name}-{seed}-{os.getpid()}-{time.monotonic_ns()}"
     options = {**recipe["model_options"].get(name, {}), **r.get("options", {})}
     train_model(samples, train, np.zeros(0, np.int64), out, model_name=name, fit_config=cfg, model_options=options)
-    net, meta = load_model_dir(out, "cpu")
-    norm = meta["normalisation"]
-    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
     cache: dict[bytes, np.ndarray] = {}
 
     def predict(idx):
         key = np.asarray(idx).tobytes()
-        if key not in cache:
-            cache[key] = predict_proba(net, as_series(samples.subset(idx)), mean, std, int(meta["max_len"]), 1024, "cpu")
+        if key not in cache:  # the evaluate stage's own prediction of the saved model
+            cache[key] = predict_samples(out, samples.subset(idx), "cpu")[0]
         return cache[key]
     return predict, f"{name}, {epochs} epochs, {DEEP_RECIPES.get(name, {})}"
 

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import SHARED, demo_dataset, rpg2023_dataset, split  # noqa: E402
 
 from cropmap.models.series import Augment  # noqa: E402
-from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
-from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, load_model_dir, train_model  # noqa: E402
+from cropmap.models.training import FitConfig  # noqa: E402
+from cropmap.pipeline.levels.pixel.evaluate import predict_samples  # noqa: E402
+from cropmap.pipeline.levels.pixel.train import class_table, encode_labels, train_model  # noqa: E402
 from cropmap.pipeline.levels.selection import validation_scores  # noqa: E402
 
 
@@ -72,10 +73,7 @@ def run_variant(samples, recipe, model: str, variant: dict, seed: int, work: Pat
     options = {**recipe["model_options"].get(model, {}), **variant.get("options", {})}
     # no validation passed to training: a fixed schedule, so the validation set only scores
     train_model(samples, train, np.zeros(0, np.int64), out, model_name=model, fit_config=cfg, model_options=options)
-    net, meta = load_model_dir(out, "cpu")
-    norm = meta["normalisation"]
-    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-    proba = predict_proba(net, as_series(samples.subset(val)), mean, std, int(meta["max_len"]), 1024, "cpu")
+    proba = predict_samples(out, samples.subset(val), "cpu")[0]  # the evaluate stage's own prediction
     s = validation_scores(y, val, proba)
     return {"model": model, "variant": variant["name"], "spec": variant, "seed": seed, "n_train": int(len(train)),
             "n_val": int(len(val)), "val_overall_accuracy": round(s["overall_accuracy"], 4),
