@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -97,3 +98,25 @@ def gee_demo_doc(export_folder: Path, name: str = "demo-gee", **gee) -> dict:
                 "grid_origin": [574680, 5621800], "composite_days": 10, "samples_per_class": 20, **gee},
         "training": {"epochs": 1, "split_seeds": [0]},
     }
+
+
+def seasonal_series(n=120, seed=0):
+    """Pixel series of two classes whose NDVI peaks at different days; irregular dates, radar-only dates, gaps."""
+    from cropmap.models.series import Series
+
+    rng = np.random.default_rng(seed)
+    vals, days, lengths, y = [], [], [], []
+    for i in range(n):
+        c = i % 2
+        t = np.sort(rng.choice(np.arange(-60, 300, 5), size=rng.integers(20, 50), replace=False)).astype(np.float32)
+        peak = 120 if c == 0 else 200
+        ndvi = 0.2 + 0.6 * np.exp(-((t - peak) / 40) ** 2)
+        red = 0.08 * (1 - ndvi) + rng.normal(0, 0.005, len(t))
+        nir = red * (1 + ndvi) / (1 - ndvi)
+        vv = -12 + 3 * ndvi + rng.normal(0, 0.5, len(t))
+        v = np.stack([red, nir, vv], 1).astype(np.float32)
+        radar_only = rng.random(len(t)) < 0.3
+        v[radar_only, :2] = np.nan
+        vals.append(v), days.append(t), lengths.append(len(t)), y.append(c)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Series(np.concatenate(vals), np.concatenate(days), offsets), np.array(y)

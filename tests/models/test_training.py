@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import seasonal_series as synthetic
 
 from cropmap.models.checkpoint import load_model, read_meta, save_model
 from cropmap.models.forest import binned_features
@@ -11,26 +12,6 @@ from cropmap.models.series import Series, band_statistics, make_batch, select_po
 from cropmap.models.training import FitConfig, class_weights, fit, predict_proba
 
 BANDS = ["B04", "B08", "VV"]
-
-
-def synthetic(n=120, seed=0):
-    """Two classes whose NDVI peaks at different days; irregular dates, radar-only dates, gaps."""
-    rng = np.random.default_rng(seed)
-    vals, days, lengths, y = [], [], [], []
-    for i in range(n):
-        c = i % 2
-        t = np.sort(rng.choice(np.arange(-60, 300, 5), size=rng.integers(20, 50), replace=False)).astype(np.float32)
-        peak = 120 if c == 0 else 200
-        ndvi = 0.2 + 0.6 * np.exp(-((t - peak) / 40) ** 2)
-        red = 0.08 * (1 - ndvi) + rng.normal(0, 0.005, len(t))
-        nir = red * (1 + ndvi) / (1 - ndvi)
-        vv = -12 + 3 * ndvi + rng.normal(0, 0.5, len(t))
-        v = np.stack([red, nir, vv], 1).astype(np.float32)
-        radar_only = rng.random(len(t)) < 0.3
-        v[radar_only, :2] = np.nan
-        vals.append(v), days.append(t), lengths.append(len(t)), y.append(c)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return Series(np.concatenate(vals), np.concatenate(days), offsets), np.array(y)
 
 
 def stnet(series, n_classes=2):

@@ -4,12 +4,12 @@ import copy
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
+from conftest import seasonal_series as synthetic
 
 from cropmap.models.registry import build_model, model_from_config, model_names
-from cropmap.models.series import Series, band_statistics
+from cropmap.models.series import band_statistics
 from cropmap.models.training import FitConfig, fit, predict_proba
 
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12", "VV", "VH"]
@@ -247,29 +247,6 @@ def test_parameter_counts_and_options():
     small, cfg = build_model("inceptiontime", bands=names, n_classes=21, mean=[0.1] * 12, std=[0.05] * 12,
                              kernel_sizes=[9, 5], depth=3, bottleneck=0)
     assert small.embed_dim == 3 * 32 and cfg["kernel_sizes"] == [9, 5]
-
-
-def synthetic(n=120, seed=0):
-    """Two classes whose NDVI peaks at different days; irregular dates, radar-only dates, gaps.
-
-    (A copy of the generator of tests/models/test_training.py.)
-    """
-    rng = np.random.default_rng(seed)
-    vals, days, lengths, y = [], [], [], []
-    for i in range(n):
-        c = i % 2
-        t = np.sort(rng.choice(np.arange(-60, 300, 5), size=rng.integers(20, 50), replace=False)).astype(np.float32)
-        peak = 120 if c == 0 else 200
-        ndvi = 0.2 + 0.6 * np.exp(-((t - peak) / 40) ** 2)
-        red = 0.08 * (1 - ndvi) + rng.normal(0, 0.005, len(t))
-        nir = red * (1 + ndvi) / (1 - ndvi)
-        vv = -12 + 3 * ndvi + rng.normal(0, 0.5, len(t))
-        v = np.stack([red, nir, vv], 1).astype(np.float32)
-        radar_only = rng.random(len(t)) < 0.3
-        v[radar_only, :2] = np.nan
-        vals.append(v), days.append(t), lengths.append(len(t)), y.append(c)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return Series(np.concatenate(vals), np.concatenate(days), offsets), np.array(y)
 
 
 @pytest.mark.parametrize("name", NAMES)
