@@ -8,9 +8,23 @@ arg-max (the map) does not change, only the confidence. Fitting uses log-probabi
 differ from the logits by a per-row constant that softmax ignores, so any model returning
 probabilities can be calibrated.
 
-The fit is a bounded 1-D search over ``log T`` in ``[-4, 4]`` (``T`` in about 0.02 ... 55;
-scipy's bounded Brent method, deterministic): the NLL is convex in ``1/T``, a 1-D search finds
-its minimum reliably, and it cannot diverge as LBFGS on ``T`` can when ``T`` approaches 0.
+Validation on a small site is a handful of fields, and the pixels of one field are near-copies:
+an NLL summed over pixels lets one big field set the temperature, and a temperature fitted on
+four fields does not carry to others (the demo once got T = 0.41 to 1.91 over three seeds, and a
+worse test ECE). So :func:`fit_temperature` (the one entry point; any model's probabilities or
+logits, labels, parcel ids) (1) weights every validation *parcel* equally, (2) puts a Gaussian
+prior on ``log T`` centred on 0 (no change), which the data overrule only as parcels accumulate,
+(3) chooses the prior's width by leave-one-parcel-out cross-validation on the validation data
+(``T = 1`` is one of the candidates, so calibration is skipped when it does not help held-out
+parcels), and (4) searches ``log T`` in a bounded interval (:data:`LOG_T_BOUNDS`, scipy's bounded
+Brent method, deterministic; the NLL is convex in ``1/T``). Pooling validation pixels over split
+seeds is *not* done: one seed's validation parcels can be another seed's test parcels.
+
+Use::
+
+    from cropmap.models.calibration import fit_temperature, scale
+    t = fit_temperature(proba_val, y_val, groups=parcel_id_val)["temperature"]
+    calibrated = scale(proba_new, t)          # softmax(log(p) / T); the arg-max is unchanged
 
 Expected calibration error (ECE): the top-class probability of each sample is put in one of
 :data:`N_BINS` = 15 equal-width bins over ``[0, 1]`` (the common choice since Guo et al.);
@@ -29,7 +43,9 @@ import numpy as np
 
 N_BINS = 15
 BINNING = f"{N_BINS} equal-width bins of the top-class probability over [0, 1]; ECE = sum_b n_b/N |accuracy_b - confidence_b|"
-LOG_T_BOUNDS = (-4.0, 4.0)
+LOG_T_BOUNDS = (-np.log(20.0), np.log(20.0))  # T in [0.05, 20]
+PRIOR_SDS = (0.0, 0.1, 0.25, 0.5, 1.0, float("inf"))  # candidate sds of the prior on log T (0: T = 1)
+MIN_GROUPS = 3  # fewer validation parcels: no cross-validation possible, T = 1
 
 
 def _log_probs(proba: np.ndarray) -> np.ndarray:
@@ -51,32 +67,96 @@ def nll(proba: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p, 1e-12, None)).mean())
 
 
-def _valid(proba: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _valid(proba: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None):
     proba, y = np.asarray(proba), np.asarray(y, np.int64).reshape(-1)
     if proba.ndim != 2 or len(proba) != len(y):
         raise ValueError(f"proba {proba.shape} and labels {y.shape} do not match")
+    if groups is not None:
+        groups = np.asarray(groups).reshape(-1)
+        if len(groups) != len(y):
+            raise ValueError(f"groups {groups.shape} and labels {y.shape} do not match")
     keep = (y >= 0) & (y < proba.shape[1])  # labels the model never saw cannot inform its temperature
-    return proba[keep], y[keep]
+    return proba[keep], y[keep], (groups[keep] if groups is not None else None)
 
 
-def fit_temperature(proba: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """The temperature minimising the NLL of validation ``proba`` (N, C) against labels ``y`` (class indices)."""
+def _parcel_weights(y: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Per-sample weights giving every group (parcel) a total weight of 1, and the number of groups.
+    Without groups every sample is its own group."""
+    if groups is None:
+        return np.ones(len(y), np.float64), int(len(y))
+    _, inv, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inv].astype(np.float64), int(len(counts))
+
+
+def _group_nll(logp: np.ndarray, y: np.ndarray, w: np.ndarray, log_t: float) -> float:
+    """Sum over groups of each group's mean NLL at temperature ``exp(log_t)`` (``w`` from :func:`_parcel_weights`)."""
+    z = logp / np.exp(log_t)
+    z = z - z.max(axis=1, keepdims=True)
+    per = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+    return float((w * per).sum())
+
+
+def _map_log_t(logp: np.ndarray, y: np.ndarray, w: np.ndarray, prior_sd: float) -> tuple[float, float]:
+    """``log T`` minimising the group-weighted NLL plus the Gaussian prior ``(log T)^2 / (2 prior_sd^2)``
+    (bounded 1-D search); ``prior_sd == 0`` is ``T = 1``. Returns (log T, objective)."""
     from scipy.optimize import minimize_scalar
 
-    p, y = _valid(proba, y)
+    if prior_sd == 0:
+        return 0.0, _group_nll(logp, y, w, 0.0)
+    penalty = 0.0 if np.isinf(prior_sd) else 1.0 / (2.0 * prior_sd ** 2)
+    res = minimize_scalar(lambda lt: _group_nll(logp, y, w, lt) + penalty * lt * lt, bounds=LOG_T_BOUNDS,
+                          method="bounded", options={"xatol": 1e-4})
+    return float(res.x), float(res.fun)
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, *,
+                    prior_sds: tuple[float, ...] = PRIOR_SDS, min_groups: int = MIN_GROUPS) -> dict[str, Any]:
+    """The temperature for validation probabilities ``proba`` (N, C) against class indices ``y``.
+
+    ``groups`` (N,): the parcel (field) of each sample. Pixels of one field are near-copies, so the
+    objective gives **every group the same total weight** (the mean NLL of its pixels) and counts
+    the evidence in groups, not pixels. ``log T`` gets a Gaussian prior centred on 0 (``T = 1``, the
+    model as trained): the MAP estimate minimises ``sum_groups NLL_g(T) + (log T)^2 / (2 sd^2)``, so
+    the prior weighs as much as a fixed number of groups and the data win only as groups accumulate.
+    The prior's ``sd`` is chosen among ``prior_sds`` (0 = no scaling, ``inf`` = plain temperature
+    scaling) by **leave-one-group-out cross-validation on the validation data**: for each sd, fit on
+    all groups but one and score the held-out group's mean NLL; the sd with the lowest mean held-out
+    NLL wins (ties go to the stronger prior). With fewer than ``min_groups`` groups there is no
+    evidence to cross-validate on and ``T = 1`` is returned. Labels outside ``[0, C)`` are ignored.
+
+    Models that give only probabilities are handled alike: the logits are ``log p`` (softmax of
+    ``log p / T``, see :func:`scale`). Returns a dict with ``temperature`` and how it was chosen.
+    """
+    proba, y, groups = _valid(proba, y, groups)
     if len(y) == 0:
         raise ValueError("no validation sample to fit a temperature on")
-    logp = _log_probs(p)
-
-    def objective(log_t: float) -> float:
-        z = logp / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float((np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]).mean())
-
-    res = minimize_scalar(objective, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
-    t = float(np.exp(res.x))
-    return {"method": "temperature scaling", "temperature": t, "fitted_on": "validation", "n": int(len(y)),
-            "nll_before": nll(p, y), "nll_after": float(res.fun), "search": f"bounded 1-D search of log T in {list(LOG_T_BOUNDS)}"}
+    logp = _log_probs(proba)
+    w, n_groups = _parcel_weights(y, groups)
+    out: dict[str, Any] = {"method": "temperature scaling", "fitted_on": "validation", "n": int(len(y)), "n_groups": n_groups,
+                           "weighting": "every parcel the same total weight" if groups is not None else "every sample the same weight",
+                           "prior": "log T ~ N(0, sd^2), MAP estimate; sd by leave-one-parcel-out cross-validation on validation",
+                           "search": f"bounded 1-D search of log T in {list(LOG_T_BOUNDS)}",
+                           "nll_before": _group_nll(logp, y, w, 0.0) / n_groups}
+    sds = sorted({float(s) for s in prior_sds})
+    if n_groups < min_groups:
+        out.update(temperature=1.0, prior_sd=0.0, nll_after=out["nll_before"],
+                   cross_validation=f"not run: {n_groups} validation group(s) < {min_groups}; T = 1 (uncalibrated)")
+        return out
+    ids = np.unique(groups) if groups is not None else None
+    held: dict[float, list[float]] = {sd: [] for sd in sds}
+    for k in range(n_groups):
+        test = (groups == ids[k]) if ids is not None else (np.arange(len(y)) == k)
+        wtr, _ = _parcel_weights(y[~test], groups[~test] if groups is not None else None)
+        for sd in sds:
+            lt, _ = _map_log_t(logp[~test], y[~test], wtr, sd)
+            held[sd].append(_group_nll(logp[test], y[test], np.full(int(test.sum()), 1.0 / test.sum()), lt))
+    cv = {sd: float(np.mean(v)) for sd, v in held.items()}
+    best = min(sds, key=lambda sd: (round(cv[sd], 6), sd))  # ties: the stronger prior (smaller sd)
+    lt, obj = _map_log_t(logp, y, w, best)
+    out.update(temperature=float(np.exp(lt)), prior_sd=best, nll_after=_group_nll(logp, y, w, lt) / n_groups,
+               cross_validation={"held_out_nll": {("inf" if np.isinf(sd) else f"{sd:g}"): v for sd, v in cv.items()},
+                                 "folds": n_groups, "chosen_sd": "inf" if np.isinf(best) else best})
+    return out
 
 
 def reliability(proba: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> dict[str, Any]:
@@ -178,8 +258,11 @@ def summarize_calibration(seeds: dict[str, dict]) -> dict[str, Any]:
                                   for k, s in seeds.items() if part in s}}
         pooled[part] = {"before": pooled_bins([h["before"] for h in have]), "after": pooled_bins([h["after"] for h in have])}
     return {
-        "method": "temperature scaling of the model's log-probabilities, one temperature per seed's model",
-        "fitted_on": "the validation pixels of each seed (spatial blocks of their own; never test pixels)",
+        "method": "temperature scaling of the model's log-probabilities, one temperature per seed's model: every validation "
+                  "parcel weighted alike, a Gaussian prior on log T centred on 0 whose width is chosen by leave-one-parcel-out "
+                  "cross-validation on validation (T = 1 when scaling does not help held-out parcels)",
+        "fitted_on": "the validation pixels of each seed (spatial blocks of their own; never test pixels; not pooled over seeds, "
+                     "since one seed's validation parcels can be another's test parcels)",
         "binning": BINNING,
         "temperature": {k: s["temperature"] for k, s in seeds.items()},
         "ece": ece,
