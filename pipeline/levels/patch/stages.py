@@ -21,6 +21,7 @@ import time
 import numpy as np
 import rasterio
 
+from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.patch.training import PatchFitConfig
 from cropmap.models.pretrain.masked import MaskedConfig
 from cropmap.pipeline.cube import open_cube
@@ -56,7 +57,8 @@ PROTOCOL = (
     "Patch-level segmentation metrics on the pixels of held-out patches. Patches of {size} x {size} px are cut on a grid of "
     "the training tiles; whole blocks of {block} x {block} patches are assigned with a seeded shuffle: about {test:.0%} of the "
     "blocks are held out for test{val}, the rest train{budget}. Background policy '{background}': {policy} mIoU excludes "
-    "background (STCLN's convention); mIoU with background (U-TAE's) is reported next to it. Model: {model}{pre}. Repeated "
+    "background (STCLN's convention); mIoU with background (U-TAE's) is reported next to it. Macro F1 and mIoU average over the crop "
+    "classes in the test reference or in the predictions (a predicted class absent from test counts 0). Model: {model}{pre}. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds. The random forest baseline "
     "(30-day medians per pixel) is trained on up to {rf_pixels} pixels of the same training patches and tested on the same "
     "pixels. The map is made with the model of seed {seed0}, by {window} px sliding windows overlapping by {overlap} px (overlap cropped)."
@@ -159,6 +161,8 @@ def patch_stages(run: RunInputs) -> list[Stage]:
         ps = load_patch_store(ctx.upstream["patch_tensors"]["samples"])
         models_dir, base_dir = ctx.upstream["patch_train"]["models"], ctx.upstream["patch_train"]["baselines"]
         runs = []
+        split_text = (f"spatial blocks of {pc.block} x {pc.block} patches of {pc.patch_size} px, whole blocks to train/val/test by a "
+                      "seeded shuffle (no test patch shares a block with a training or validation patch)")
         for seed in tr.split_seeds:
             split = PatchSplit.from_dict(json.loads((models_dir / f"seed-{seed}" / "split.json").read_text()))
             model_m = evaluate_patch_model(models_dir / f"seed-{seed}", ps, split.test, dev, pc.background)
@@ -177,6 +181,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
                     raise StageError(f"boosting predictions of seed {seed} do not match its test patches", fix="rerun with --force")
                 boost_m = {"boosting": segmentation_metrics(sub.labels, boost["codes"], keep, names, evaluated)}
             runs.append({"seed": seed, "evaluated_classes": [names[c] for c in evaluated], "train_only_classes": [],
+                         "split": split_text, "blocks": {k: int(ps.table["block"].iloc[getattr(split, k)].nunique()) for k in ("train", "val", "test")},
                          "n_test_patches": len(split.test), "model": model_m, "baseline": base_m, **boost_m})
         model, base = summary([r["model"] for r in runs]), summary([r["baseline"] for r in runs])
         boosted = summary([r["boosting"] for r in runs]) if all("boosting" in r for r in runs) else None
@@ -193,7 +198,8 @@ def patch_stages(run: RunInputs) -> list[Stage]:
                                         background=pc.background, policy=policy, model=pc.model,
                                         pre=" fine-tuned from masked spatiotemporal pre-training" if pretraining else " from scratch",
                                         seeds=tr.split_seeds, rf_pixels=RF_PIXELS, seed0=tr.split_seeds[0], window=pc.window, overlap=pc.overlap)
-        head = {"level": "patch", "model": pc.model, "pretraining": pre.method, "background_policy": pc.background}
+        head = {"level": "patch", "model": pc.model, "pretraining": pre.method, "background_policy": pc.background, "split": split_text,
+                "class_set_rule": CLASS_SET_RULE + "; background (code 0) excluded except in the *_with_background figures"}
         doc = metrics_document(runs, protocol=protocol, head=head, model_summary=model, baseline_summary=base, boosting_summary=boosted,
                                baseline_model="random_forest (200 trees, depth 25, 30-day median features per pixel)")
         write_json(ctx.path("metrics.json"), doc)

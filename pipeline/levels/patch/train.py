@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import cropmap
-from cropmap.models.metrics import classification_metrics
+from cropmap.models.metrics import CLASS_SET_RULE, classification_metrics
 from cropmap.models.patch.checkpoint import (
     PATCH_MODELS,
     build_patch_model,
@@ -199,14 +199,19 @@ def pretrain_patch_encoder(ps: PatchSet, out_dir: Path, *, model_name: str = "st
 
 
 def segmentation_metrics(codes_true: np.ndarray, codes_pred: np.ndarray, keep: np.ndarray, names: dict[int, str], evaluated: list[int]) -> dict:
-    """Metrics on legend codes (0 = background) of the pixels ``keep``; ``evaluated``: the crop codes averaged."""
+    """Metrics on legend codes (0 = background) of the pixels ``keep``, under the runs' class-set rule
+    (:data:`cropmap.models.metrics.CLASS_SET_RULE`: the union of the crop classes in the reference and
+    in the predictions, a predicted class absent from the reference counting with F1 = IoU = 0);
+    background (code 0) is left out of ``miou``/``macro_f1`` and counted in the ``*_with_background``
+    figures. ``evaluated`` (the test crop codes) is accepted for older callers and does not restrict the average."""
     k = max([*names, int(codes_true[keep].max(initial=0)), int(codes_pred[keep].max(initial=0))]) + 1
     class_names = [BACKGROUND if c == 0 else names.get(c, str(c)) for c in range(k)]
     yt, yp = codes_true[keep].astype(np.int64), codes_pred[keep].astype(np.int64)
-    m = classification_metrics(yt, yp, class_names, labels=evaluated)
-    with_bg = classification_metrics(yt, yp, class_names, labels=[0, *evaluated])
+    m = classification_metrics(yt, yp, class_names, labels=list(range(1, k)))  # classes absent from both drop out
+    with_bg = classification_metrics(yt, yp, class_names)
     m["miou_with_background"] = with_bg["miou"]
     m["macro_f1_with_background"] = with_bg["macro_f1"]
+    m["class_set_rule"] = CLASS_SET_RULE + "; background (code 0) excluded except in the *_with_background figures"
     return m
 
 

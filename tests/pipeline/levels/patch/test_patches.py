@@ -155,6 +155,19 @@ def test_background_policy_in_targets_and_metrics():
     assert m["miou_with_background"] == pytest.approx((iou_a + iou_b + iou_bg) / 3)
 
 
+def test_patch_metrics_follow_the_shared_class_set_rule():
+    # class 3 is predicted but absent from the reference: it counts with F1 = IoU = 0 (models/metrics.py's rule)
+    true = np.array([1, 1, 2, 2, 2, 2])
+    pred = np.array([1, 3, 2, 2, 2, 2])
+    m = segmentation_metrics(true, pred, np.ones(6, bool), {1: "a", 2: "b", 3: "c"}, [1, 2])
+    assert m["averaged_classes"] == ["a", "b", "c"]
+    assert m["miou"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert "predicted but absent" in m["class_set_rule"]
+    # a legend class neither in the reference nor predicted has no score and is left out
+    m = segmentation_metrics(true, np.array([1, 1, 2, 2, 2, 2]), np.ones(6, bool), {1: "a", 2: "b", 3: "c"}, [1, 2])
+    assert m["averaged_classes"] == ["a", "b"] and m["miou"] == pytest.approx(1.0)
+
+
 def test_windows_cover_everything_and_keep_their_core():
     assert window_starts(64, 32, 8) == [0, 24, 32]
     assert window_starts(20, 32, 8) == [0]
