@@ -46,6 +46,7 @@ BINNING = f"{N_BINS} equal-width bins of the top-class probability over [0, 1]; 
 LOG_T_BOUNDS = (-np.log(20.0), np.log(20.0))  # T in [0.05, 20]
 PRIOR_SDS = (0.0, 0.1, 0.25, 0.5, 1.0, float("inf"))  # candidate sds of the prior on log T (0: T = 1)
 MIN_GROUPS = 3  # fewer validation parcels: no cross-validation possible, T = 1
+MAX_FOLDS = 10  # leave-one-parcel-out up to 10 parcels, 10 folds of whole parcels beyond
 
 
 def _log_probs(proba: np.ndarray) -> np.ndarray:
@@ -119,8 +120,9 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray, groups: np.ndarray | None 
     model as trained): the MAP estimate minimises ``sum_groups NLL_g(T) + (log T)^2 / (2 sd^2)``, so
     the prior weighs as much as a fixed number of groups and the data win only as groups accumulate.
     The prior's ``sd`` is chosen among ``prior_sds`` (0 = no scaling, ``inf`` = plain temperature
-    scaling) by **leave-one-group-out cross-validation on the validation data**: for each sd, fit on
-    all groups but one and score the held-out group's mean NLL; the sd with the lowest mean held-out
+    scaling) by **leave-one-group-out cross-validation on the validation data** (:data:`MAX_FOLDS` folds of
+    whole groups beyond that many groups): for each sd, fit on the other groups and score each
+    held-out group's mean NLL; the sd with the lowest mean held-out
     NLL wins (ties go to the stronger prior). With fewer than ``min_groups`` groups there is no
     evidence to cross-validate on and ``T = 1`` is returned. Labels outside ``[0, C)`` are ignored.
 
@@ -142,20 +144,25 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray, groups: np.ndarray | None 
         out.update(temperature=1.0, prior_sd=0.0, nll_after=out["nll_before"],
                    cross_validation=f"not run: {n_groups} validation group(s) < {min_groups}; T = 1 (uncalibrated)")
         return out
-    ids = np.unique(groups) if groups is not None else None
-    held: dict[float, list[float]] = {sd: [] for sd in sds}
-    for k in range(n_groups):
-        test = (groups == ids[k]) if ids is not None else (np.arange(len(y)) == k)
-        wtr, _ = _parcel_weights(y[~test], groups[~test] if groups is not None else None)
+    # leave-one-group-out, or MAX_FOLDS folds of whole groups (seeded) when there are more groups
+    gid = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(y))
+    n_folds = min(n_groups, MAX_FOLDS)
+    fold_of_group = np.random.default_rng(0).permutation(n_groups) % n_folds
+    fold = fold_of_group[gid]
+    held: dict[float, float] = {sd: 0.0 for sd in sds}
+    for k in range(n_folds):
+        test = fold == k
+        wtr, _ = _parcel_weights(y[~test], gid[~test])
+        wte, n_te = _parcel_weights(y[test], gid[test])
         for sd in sds:
             lt, _ = _map_log_t(logp[~test], y[~test], wtr, sd)
-            held[sd].append(_group_nll(logp[test], y[test], np.full(int(test.sum()), 1.0 / test.sum()), lt))
-    cv = {sd: float(np.mean(v)) for sd, v in held.items()}
+            held[sd] += _group_nll(logp[test], y[test], wte, lt)  # summed over the held-out groups
+    cv = {sd: v / n_groups for sd, v in held.items()}  # mean held-out NLL per group
     best = min(sds, key=lambda sd: (round(cv[sd], 6), sd))  # ties: the stronger prior (smaller sd)
     lt, obj = _map_log_t(logp, y, w, best)
     out.update(temperature=float(np.exp(lt)), prior_sd=best, nll_after=_group_nll(logp, y, w, lt) / n_groups,
                cross_validation={"held_out_nll": {("inf" if np.isinf(sd) else f"{sd:g}"): v for sd, v in cv.items()},
-                                 "folds": n_groups, "chosen_sd": "inf" if np.isinf(best) else best})
+                                 "folds": n_folds, "chosen_sd": "inf" if np.isinf(best) else best})
     return out
 
 

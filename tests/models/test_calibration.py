@@ -53,3 +53,54 @@ def test_fit_ignores_unknown_labels_and_refuses_empty_data():
         fit_temperature(p[:3], np.array([-1, -1, -1]))
     with pytest.raises(ValueError, match="positive"):
         scale(p, 0.0)
+
+
+def _fields(n_fields, pixels, t_true, seed):
+    """Validation 'fields': pixels of one field share their logits (near-copies), labels drawn per field."""
+    p_all, y_all, g_all = [], [], []
+    for f in range(n_fields):
+        p, y = overconfident(n=1, c=4, seed=seed * 1000 + f, t_true=t_true)
+        n = pixels[f] if hasattr(pixels, "__len__") else pixels
+        p_all.append(np.repeat(p, n, 0))
+        y_all.append(np.repeat(y, n))
+        g_all.append(np.full(n, f))
+    return np.concatenate(p_all), np.concatenate(y_all), np.concatenate(g_all)
+
+
+def test_every_parcel_weighs_the_same_so_one_big_field_cannot_set_the_temperature():
+    p, y = overconfident(n=60, seed=3)
+    # one huge field: a confident, wrong prediction repeated 5000 times
+    big_p = np.tile(np.array([[0.97, 0.01, 0.01, 0.01]], np.float32), (5000, 1))
+    proba = np.concatenate([p, big_p])
+    labels = np.concatenate([y, np.full(5000, 1)])
+    groups = np.concatenate([np.arange(60), np.full(5000, 999)])
+    per_pixel = fit_temperature(proba, labels, prior_sds=(float("inf"),))["temperature"]
+    per_parcel = fit_temperature(proba, labels, groups, prior_sds=(float("inf"),))
+    assert per_parcel["n_groups"] == 61 and per_parcel["weighting"].startswith("every parcel")
+    assert per_pixel > 8  # the big field dominates the pixel-weighted NLL and flattens everything
+    assert 1.5 < per_parcel["temperature"] < per_pixel / 2
+
+
+def test_few_parcels_shrink_towards_no_scaling_and_cross_validation_can_refuse():
+    p, y, g = _fields(2, 200, 2.5, 0)
+    two = fit_temperature(p, y, g)
+    assert two["temperature"] == 1.0 and "not run" in two["cross_validation"]  # 2 parcels: no evidence to fit on
+    # well calibrated fields: scaling does not help held-out parcels, the MAP stays near T = 1
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0.4, 0.95, 40)
+    proba = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1).astype(np.float32)
+    labels = np.where(rng.random(40) < conf, 0, 1)
+    fit = fit_temperature(np.repeat(proba, 30, 0), np.repeat(labels, 30), np.repeat(np.arange(40), 30))
+    assert 0.7 < fit["temperature"] < 1.4 and set(fit["cross_validation"]["held_out_nll"]) == {"0", "0.1", "0.25", "0.5", "1", "inf"}
+    # many overconfident fields: the data overrule the prior and the temperature is recovered
+    p, y, g = _fields(400, 5, 2.5, 1)
+    many = fit_temperature(p, y, g)
+    assert many["prior_sd"] >= 0.5 and 1.8 < many["temperature"] < 3.3 and many["cross_validation"]["folds"] == 10
+
+
+def test_bounded_search_and_group_shape_check():
+    p, y = overconfident(200, seed=2)
+    fit = fit_temperature(p, 1 - (y > 0).astype(int) + 2, prior_sds=(float("inf"),))  # nonsense labels: T at a bound at most
+    assert 0.05 - 1e-6 <= fit["temperature"] <= 20 + 1e-3
+    with pytest.raises(ValueError, match="groups"):
+        fit_temperature(p, y, np.arange(5))
