@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from cropmap.models import ddp
 from cropmap.models.checkpoint import load_model, load_weights, save_model
 from cropmap.models.pixel.presto import EMBED_MAX_OBS, PrestoClassifier, fit_embed_head
 from cropmap.models.pixel.presto import data_options as presto_data_options
+from cropmap.models.pixel.trees import TREE_MAX_OBS, TreeClassifier, fit_tree_head
 from cropmap.models.registry import build_model, model_names
 from cropmap.models.series import Series, band_statistics
 from cropmap.models.training import FitConfig, FitResult, fit, predict_proba, resolve_device
@@ -132,9 +133,9 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     if cfg.freeze_encoder and not hasattr(model, "decoder"):
         raise ModelError(f"model {model_name!r} has no separate decoder", fix="drop --freeze-encoder")
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
-    if isinstance(model, PrestoClassifier) and model.config.head == "boosting":
-        return _train_embedding_head(model, samples, train_idx, val_idx, y, classes, mean, std, out_dir, model_name=model_name,
-                                     cfg=cfg, pretrained=pretrained, extra_meta=extra_meta, extra_files=extra_files)
+    if (isinstance(model, PrestoClassifier) and model.config.head == "boosting") or isinstance(model, TreeClassifier):
+        return _fit_head(model, samples, train_idx, val_idx, y, classes, mean, std, out_dir, model_name=model_name,
+                         cfg=cfg, pretrained=pretrained, extra_meta=extra_meta, extra_files=extra_files)
     work = work_dir_for(out_dir)
     main = ddp.current().is_main  # under torchrun only rank 0 logs and writes; the others train in step with it
     if not resume and main:
@@ -188,30 +189,46 @@ def data_options_for(model_name: str, samples: PixelSamples, train_idx: np.ndarr
         raise SamplesError(f"cannot locate the samples for Presto: {exc}", fix="give x/y in the CRS of the epsg column (or lon/lat with epsg 4326)") from None
 
 
-def _train_embedding_head(model: PrestoClassifier, samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray, y: np.ndarray,
-                          classes: list[dict], mean: np.ndarray, std: np.ndarray, out_dir: Path, *, model_name: str, cfg: FitConfig,
-                          pretrained: Path | None, extra_meta: dict | None, extra_files: dict[str, object] | None) -> dict:
-    """``presto-embed``: frozen encoder embeddings (computed once, cached) + a boosting head fitted
-    with early stopping on the validation embeddings; the same model directory as :func:`train_model`."""
+def _fit_head(model: PrestoClassifier | TreeClassifier, samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray,
+              y: np.ndarray, classes: list[dict], mean: np.ndarray, std: np.ndarray, out_dir: Path, *, model_name: str,
+              cfg: FitConfig, pretrained: Path | None, extra_meta: dict | None, extra_files: dict[str, object] | None) -> dict:
+    """The models fitted without gradient steps, in the same model directory as :func:`train_model`:
+
+    * ``presto-embed``: frozen encoder embeddings (computed once, cached) + a boosting head with
+      early stopping on the validation embeddings;
+    * ``forest`` / ``boosting``: the tree ensemble on binned median features (boosting stops early
+      on the validation pixels; the forest does not look at them).
+
+    Both read every observation of a series (``max_len`` of the directory), and both are
+    calibrated on the validation pixels like the networks."""
     t0 = time.perf_counter()
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
     has_val = len(val_idx) > 0
-    info = fit_embed_head(model, sub(train_idx), y[train_idx], mean, std, sub(val_idx) if has_val else None,
-                          y[val_idx] if has_val else None, seed=cfg.seed)
+    args = (model, sub(train_idx), y[train_idx], mean, std, sub(val_idx) if has_val else None, y[val_idx] if has_val else None)
+    if isinstance(model, TreeClassifier):
+        info, max_len = fit_tree_head(*args, seed=cfg.seed), TREE_MAX_OBS
+        method = (f"{model.config.kind} on {model.config.bin_days}-day median features"
+                  + (" (early stopping on validation)" if model.config.kind == "boosting" else ""))
+    else:
+        info, max_len = fit_embed_head(*args, seed=cfg.seed), EMBED_MAX_OBS
+        method = "frozen Presto embeddings + LightGBM head (early stopping on validation)"
     seconds = time.perf_counter() - t0
+    calibration = (_calibrate(model, sub(val_idx), y[val_idx], mean, std, replace(cfg, max_len=max_len, batch_size=max(cfg.batch_size, 256)))
+                   if has_val else None)
     meta = {
         "model": model_name,
         "model_config": model.config.to_dict(),
         "bands": list(samples.bands),
         "normalisation": {"mean": mean.tolist(), "std": std.tolist(), "units": "reflectance (S2), dB (S1)"},
         "classes": classes,
-        "max_len": EMBED_MAX_OBS,
+        "max_len": max_len,
         "time_axis": "days since 1 January of the season year",
-        "fit": {"method": "frozen Presto embeddings + LightGBM head (early stopping on validation)", "seed": cfg.seed,
+        "fit": {"method": method, "seed": cfg.seed,
                 "best_epoch": 0, "epochs_run": 0, "seconds": round(seconds, 2), "resumed_from_epoch": None,
                 "pretrained": str(pretrained) if pretrained else None, **info},
         "data": {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                  "train_per_class": {c["name"]: int((y[train_idx] == c["index"]).sum()) for c in classes}},
+        "calibration": calibration,
         "cropmap_version": cropmap.__version__,
         "torch_version": torch.__version__,
         **(extra_meta or {}),

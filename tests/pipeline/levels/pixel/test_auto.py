@@ -1,0 +1,113 @@
+"""``training.model: auto``: candidates trained on the same splits, chosen on validation only, the map
+drawn by the winner's split-seed models averaged, every candidate in metrics.json and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import demo_doc, write_site
+
+from cropmap.pipeline.runner import Runner
+from cropmap.pipeline.sites import load_site
+from cropmap.pipeline.workflow import build_stages
+
+CHEAP = [{"model": "ltae", "epochs": 2}, "forest", "boosting"]
+
+
+@pytest.fixture
+def auto_site(sites_dir):
+    write_site(sites_dir, demo_doc("demo-auto", model="auto", model_options={}, candidates=CHEAP, split_seeds=[0, 1]))
+    return load_site("demo-auto")
+
+
+def _run(site, out, until=None):
+    stages, _ = build_stages(site, 2019, device="cpu")
+    if until is not None:
+        stages = stages[: [s.name for s in stages].index(until) + 1]
+    return Runner(out, {"site": site.name, "year": 2019}).run(stages, lambda done: {})
+
+
+def test_auto_run_chooses_on_validation_maps_with_the_ensemble_and_reports_every_candidate(auto_site, tmp_path):
+    run = tmp_path / "run"
+    _run(auto_site, run)
+    choice = json.loads((run / "models" / "choice.json").read_text())
+    names = [c["name"] for c in choice["candidates"]]
+    assert names == ["ltae", "forest", "boosting"]
+    # the winner has the best mean validation macro F1 (ties by validation OA)
+    mean_f1 = {c["name"]: np.mean([v["macro_f1"] for v in c["validation"]]) for c in choice["candidates"]}
+    assert mean_f1[choice["winner"]] == pytest.approx(max(mean_f1.values()))
+    assert [r["name"] for r in choice["ranking"]][0] == choice["winner"]
+    assert choice["ensemble"] == [f"models/seed-{s}/{choice['winner']}" for s in (0, 1)]
+    for s in (0, 1):
+        for n in names:
+            assert (run / "models" / f"seed-{s}" / n / "model.safetensors").is_file()
+
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["selection"] == "auto" and m["model"] == choice["winner"] and m["choice"]["winner"] == choice["winner"]
+    rows = {r["name"]: r for r in m["candidates"]}
+    assert set(rows) == set(names) and rows[choice["winner"]]["winner"]
+    for r in rows.values():
+        assert 0 <= r["validation_macro_f1"] <= 1 and 0 <= r["test_overall_accuracy"] <= 1
+    # the winner's test figures are the run's figures; the forest candidate is the forest baseline
+    assert rows[choice["winner"]]["test_overall_accuracy"] == pytest.approx(m["overall_accuracy"], abs=1e-4)
+    assert rows["forest"]["test_overall_accuracy"] == pytest.approx(m["baseline"]["overall_accuracy"], abs=1e-4)
+    assert rows["boosting"]["test_overall_accuracy"] == pytest.approx(m["boosting"]["overall_accuracy"], abs=1e-4)
+    assert "chosen among the candidates" in m["protocol"] and "validation pixels only" in m["protocol"]
+
+    with rasterio.open(run / "map" / "crops.tif") as ds:
+        assert "auto: mean of 2 split-seed models" in ds.tags()["model"]
+    html = (run / "report.html").read_text()
+    assert "Model choice" in html and all(n in html for n in names)
+
+
+def test_the_choice_does_not_read_test_labels(auto_site, tmp_path, monkeypatch):
+    """Scramble the labels of the test pixels after each split is drawn: the choice, its ranking and
+    every validation figure stay the same (so no test label entered them)."""
+    import cropmap.pipeline.levels.pixel.stages as stages_mod
+
+    _run(auto_site, tmp_path / "plain", until="train")
+    plain = json.loads((tmp_path / "plain" / "models" / "choice.json").read_text())
+
+    real_load, real_split = stages_mod.load_store, stages_mod.split_for
+    held: dict = {}
+    changed = []
+
+    def load(*a, **kw):
+        held["samples"] = real_load(*a, **kw)
+        return held["samples"]
+
+    def split(rows, *a, **kw):
+        table = held["samples"].table
+        held.setdefault("labels", table["label"].to_numpy().copy())
+        table["label"] = held["labels"]  # each seed's split is drawn on the true labels
+        sp = real_split(table.loc[rows.index], *a, **kw)
+        test = np.nonzero(sp.row_sides(table) == "test")[0]
+        labels = held["labels"].copy()
+        classes = np.unique(labels)
+        new = classes[(np.searchsorted(classes, labels[test]) + 1) % len(classes)]  # every test label becomes another class
+        changed.append(int((new != labels[test]).sum()))
+        labels[test] = new
+        table["label"] = labels
+        return sp
+
+    monkeypatch.setattr(stages_mod, "load_store", load)
+    monkeypatch.setattr(stages_mod, "split_for", split)
+    _run(auto_site, tmp_path / "scrambled", until="train")
+    scrambled = json.loads((tmp_path / "scrambled" / "models" / "choice.json").read_text())
+    assert changed and all(n > 0 for n in changed)
+    assert scrambled["winner"] == plain["winner"] and scrambled["ranking"] == plain["ranking"]
+    assert [c["validation"] for c in scrambled["candidates"]] == [c["validation"] for c in plain["candidates"]]
+
+
+def test_auto_with_pretraining_or_transfer_is_refused_with_one_line(sites_dir):
+    from cropmap.pipeline.errors import CropmapError
+
+    write_site(sites_dir, demo_doc("demo-auto-pre", model="auto", model_options={}, pretrain={"method": "moco"}))
+    with pytest.raises(CropmapError, match="pre-training .* needs one model"):
+        load_site("demo-auto-pre")
+    write_site(sites_dir, demo_doc("demo-auto-bad", model="auto", model_options={}, candidates=["ltae", "no-such-model"]))
+    with pytest.raises(CropmapError, match="unknown pixel model 'no-such-model'"):
+        load_site("demo-auto-bad")
