@@ -178,6 +178,9 @@ class Training(_Strict):
     with the one of the best validation macro F1 (ties by validation OA), its split-seed models averaged."""
     candidates: list[Candidate] = Field(default_factory=lambda: [Candidate(model=m) for m in DEFAULT_CANDIDATES], min_length=1)
     """The candidates of ``model: auto`` (names, or ``{model: NAME, epochs: ..., ...}`` to change their recipe)."""
+    blend: bool = True
+    """With ``auto``, one more candidate, ``blend``: the mean of every candidate's calibrated class probabilities
+    (scored on validation like the others; if it wins, the map averages all candidates of all split seeds)."""
     model_options: dict[str, Any] = Field(default_factory=dict)
     """Constructor options of the model (e.g. ``pooling: mean`` for STNet); with ``auto``, set them per candidate."""
     pool_years: bool = False

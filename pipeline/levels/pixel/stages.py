@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 
+from cropmap.models.calibration import scale as scale_temperature
 from cropmap.models.calibration import summarize_calibration
 from cropmap.models.forest import binned_features
 from cropmap.models.metrics import CLASS_SET_RULE
@@ -178,7 +179,10 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         parcels = parcels_of(samples)
         models_dir, base_dir = ctx.path("models"), ctx.path("baselines")
         tick = ctx.progress("train", max(1, trained_epochs) * len(tr.split_seeds)) if ctx.progress else None
+        blending = tr.auto and tr.blend and len(candidates) > 1
         report, results = {}, {c.model: CandidateResult(c.model) for c in candidates}
+        if blending:
+            results[BLEND] = CandidateResult(BLEND)
         for seed in tr.split_seeds:
             rows = samples.table[samples.table["parcel_id"].isin(parcels["parcel_id"])]
             split = split_for(rows, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
@@ -189,6 +193,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             test_ids = samples.table["sample_id"].to_numpy()[idx["test"]]
             seed_report = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
                            "train_only_classes": split.train_only}
+            val_proba = {}
             for cand in candidates:
                 out = models_dir / f"seed-{seed}" / cand.model if tr.auto else models_dir / f"seed-{seed}"
                 train_idx = split_indices(samples, split, seed, cand.max_pixels_per_parcel)["train"] if cand.max_pixels_per_parcel else idx["train"]
@@ -212,9 +217,13 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                     proba_val, vmeta, aligned = predict_samples(out, samples.subset(idx["val"]), device)
                     y_val = encode_labels(aligned, vmeta["classes"])
                     res.validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), proba_val)})
+                    val_proba[cand.model] = calibrated(proba_val, vmeta)
                 if cand.model in ("forest", "boosting"):  # the candidate is the baseline: its test predictions, once
                     proba_test, _, _ = predict_samples(out, samples.subset(idx["test"]), device)
                     write_baseline(base_dir / f"{cand.model}-seed-{seed}.parquet", "sample_id", test_ids, proba_test)
+            if blending and len(val_proba) == len(candidates):
+                blend_val = np.mean(list(val_proba.values()), axis=0)
+                results[BLEND].validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), blend_val)})
             # the random-forest and boosting baselines on exactly the same training pixels and test pixels
             # (with auto they are candidates and were written above)
             missing = [k for k in ("forest", "boosting") if not (tr.auto and any(c.model == k for c in candidates))]
@@ -231,13 +240,14 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         if tr.auto:
             choice = choose(list(results.values()))
             winner = choice["winner"]
-            doc = {**choice, "ensemble": [f"models/seed-{s}/{winner}" for s in tr.split_seeds],
+            members = [c.model for c in candidates] if winner == BLEND else [winner]
+            doc = {**choice, "members": members, "ensemble": [f"models/seed-{s}/{m}" for s in tr.split_seeds for m in members],
                    "candidates": [{"name": r.name, "validation": r.validation, "seconds": round(r.seconds, 1)} for r in results.values()],
                    "settings": [c.model_dump() for c in candidates],
                    "note": "chosen on the validation pixels of every split seed; the test pixels were not read"}
             write_json(models_dir / "choice.json", doc)
             report["choice"] = {"winner": winner, "reason": choice["reason"]}
-            outputs.update(model=f"models/seed-{tr.split_seeds[0]}/{winner}", choice="models/choice.json")
+            outputs.update(model=f"models/seed-{tr.split_seeds[0]}/{members[0]}", choice="models/choice.json")
         ctx.report.update(report)
         return outputs
 
@@ -248,7 +258,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         if "choice" in ctx.upstream["train"]:  # auto: the winner's split-seed models, averaged
             choice = json.loads(ctx.upstream["train"]["choice"].read_text())
             model_dir = [ctx.run_dir / d for d in choice["ensemble"]]
-            model_name = f"{choice['winner']} (auto: mean of {len(model_dir)} split-seed models)"
+            model_name = f"{choice['winner']} (auto: mean of {len(model_dir)} split-seed models{': ' + ', '.join(choice['members']) if choice['winner'] == BLEND else ''})"
         tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
         map_args = (site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir, ctx.path("map/crops.tif"),
                     ctx.path("map/confidence.tif"))
@@ -278,30 +288,42 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         runs, calibration = [], {}
         scored = {c["name"]: CandidateResult(c["name"], validation=c["validation"], seconds=c["seconds"]) for c in (choice or {}).get("candidates", [])}
         for seed in tr.split_seeds:
-            mdir = models_dir / f"seed-{seed}" / choice["winner"] if choice else models_dir / f"seed-{seed}"
+            seed_dir = models_dir / f"seed-{seed}"
+            mdir = seed_dir / choice["members"][0] if choice else seed_dir
             split, test, evaluated = held_out(samples, mdir, samples.class_names)
             side = split.row_sides(samples.table)
             test_samples = samples.subset(test)
-            proba, meta, aligned = predict_samples(mdir, test_samples, device)
-            model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
             val = np.nonzero(side == "val")[0]
-            cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            per_candidate = {}
+            if choice is None or choice["winner"] != BLEND:
+                proba, meta, aligned = predict_samples(mdir, test_samples, device)
+                model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+                cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if choice is not None:  # every candidate on the same test pixels, after the choice
+                base = [n for n in scored if n != BLEND]
+                test_p = {n: predict_samples(seed_dir / n, test_samples, device) for n in base}
+                aligned, classes = test_p[base[0]][2], test_p[base[0]][1]["classes"]
+                for n in base:
+                    per_candidate[n] = metrics_for(aligned, test_p[n][0], classes, evaluated)
+                if BLEND in scored:
+                    blend_cal = np.mean([calibrated(p, m) for p, m, _ in test_p.values()], axis=0)
+                    per_candidate[BLEND] = metrics_for(aligned, blend_cal, classes, evaluated)
+                    if choice["winner"] == BLEND:
+                        model_m, meta = per_candidate[BLEND], test_p[base[0]][1]
+                        cal = _blend_calibration(seed_dir, base, samples.subset(val) if len(val) else None, test_p, device)
+                for n, m in per_candidate.items():
+                    scored[n].test.append({"seed": seed, **{k: float(m[k]) for k in ("overall_accuracy", "macro_f1", "kappa")}})
+                per_candidate = {n: {k: m[k] for k in ("overall_accuracy", "macro_f1", "kappa")} for n, m in per_candidate.items()}
             if cal is not None:
                 calibration[f"seed-{seed}"] = cal
             baselines = baseline_metrics(base_dir, seed, "sample_id", test_samples, meta["classes"], evaluated, "pixels")
-            per_candidate = {}
-            for name, res in scored.items():  # every candidate on the same test pixels, after the choice
-                m = model_m if name == choice["winner"] else metrics_for(
-                    *_aligned_proba(models_dir / f"seed-{seed}" / name, test_samples, device), evaluated)
-                res.test.append({"seed": seed, **{k: float(m[k]) for k in ("overall_accuracy", "macro_f1", "kappa")}})
-                per_candidate[name] = {k: m[k] for k in ("overall_accuracy", "macro_f1", "kappa")}
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
                          "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
                          "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
                          "model": model_m, **baselines, **({"candidates": per_candidate} if choice else {})})
         doc = _metrics_document(runs, tr, legend, choice)
         if choice:
-            doc["choice"] = {k: choice[k] for k in ("winner", "criterion", "reason", "ranking", "ensemble", "note")}
+            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note")}
             doc["candidates"] = candidate_table(choice, list(scored.values()))
         if calibration:
             doc["calibration"] = summarize_calibration(calibration)
@@ -348,9 +370,33 @@ def _tile_pixels(path: Path) -> int:
     return int(c.sizes["y"] * c.sizes["x"])
 
 
-def _aligned_proba(model_dir: Path, samples, device: str) -> tuple:
-    proba, meta, aligned = predict_samples(model_dir, samples, device)
-    return aligned, proba, meta["classes"]
+BLEND = "blend"
+"""The candidate of ``training.blend``: the mean of every candidate's calibrated probabilities."""
+
+
+def calibrated(proba: np.ndarray, meta: dict) -> np.ndarray:
+    """A model's probabilities after its own temperature (fitted on its validation pixels), as the map uses them."""
+    t = float((meta.get("calibration") or {}).get("temperature", 1.0))
+    return scale_temperature(proba, t) if t != 1.0 else np.asarray(proba, np.float32)
+
+
+def _blend_calibration(seed_dir: Path, names: list[str], val_samples, test_p: dict, device: str) -> dict:
+    """ECE of the blend before (mean of the raw probabilities) and after (mean of the calibrated ones)."""
+    from cropmap.models.calibration import reliability
+
+    def part(preds: dict) -> dict:
+        aligned, classes = preds[names[0]][2], preds[names[0]][1]["classes"]
+        y = encode_labels(aligned, classes)
+        keep = y >= 0
+        raw = np.mean([p for p, _, _ in preds.values()], axis=0)[keep]
+        cal = np.mean([calibrated(p, m) for p, m, _ in preds.values()], axis=0)[keep]
+        return {"before": reliability(raw, y[keep]), "after": reliability(cal, y[keep])}
+
+    temps = [float((test_p[n][1].get("calibration") or {}).get("temperature", 1.0)) for n in names]
+    out = {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": dict(zip(names, temps)), "test": part(test_p)}
+    if val_samples is not None and len(val_samples):
+        out["validation"] = part({n: predict_samples(seed_dir / n, val_samples, device) for n in names})
+    return out
 
 
 def _metrics_document(runs: list[dict], tr, legend: Legend, choice: dict | None = None) -> dict:
@@ -358,7 +404,8 @@ def _metrics_document(runs: list[dict], tr, legend: Legend, choice: dict | None 
     if choice:
         mapping = (f"The model is chosen among the candidates ({', '.join(r['name'] for r in choice['candidates'])}) by "
                    f"{choice['criterion']}, read on the validation pixels only; every candidate is then scored on the same test pixels. "
-                   f"The map averages the probabilities of the winner's models of all split seeds ({len(choice['ensemble'])}); "
+                   f"The map averages the probabilities of the winner's models of all split seeds ({len(choice['ensemble'])} models; "
+                   "blend: every candidate's); "
                    "the figures are those of each seed's model on its own test pixels (the ensemble has no held-out pixels of its own).")
     else:
         mapping = f"The map is made with the model of seed {tr.split_seeds[0]}."

@@ -35,14 +35,16 @@ def test_auto_run_chooses_on_validation_maps_with_the_ensemble_and_reports_every
     _run(auto_site, run)
     choice = json.loads((run / "models" / "choice.json").read_text())
     names = [c["name"] for c in choice["candidates"]]
-    assert names == ["ltae", "forest", "boosting"]
+    assert names == ["ltae", "forest", "boosting", "blend"]  # blend: the mean of the three
     # the winner has the best mean validation macro F1 (ties by validation OA)
     mean_f1 = {c["name"]: np.mean([v["macro_f1"] for v in c["validation"]]) for c in choice["candidates"]}
     assert mean_f1[choice["winner"]] == pytest.approx(max(mean_f1.values()))
     assert [r["name"] for r in choice["ranking"]][0] == choice["winner"]
-    assert choice["ensemble"] == [f"models/seed-{s}/{choice['winner']}" for s in (0, 1)]
+    members = names[:3] if choice["winner"] == "blend" else [choice["winner"]]
+    assert choice["members"] == members
+    assert choice["ensemble"] == [f"models/seed-{s}/{m}" for s in (0, 1) for m in members]
     for s in (0, 1):
-        for n in names:
+        for n in names[:3]:
             assert (run / "models" / f"seed-{s}" / n / "model.safetensors").is_file()
 
     m = json.loads((run / "metrics.json").read_text())
@@ -53,12 +55,13 @@ def test_auto_run_chooses_on_validation_maps_with_the_ensemble_and_reports_every
         assert 0 <= r["validation_macro_f1"] <= 1 and 0 <= r["test_overall_accuracy"] <= 1
     # the winner's test figures are the run's figures; the forest candidate is the forest baseline
     assert rows[choice["winner"]]["test_overall_accuracy"] == pytest.approx(m["overall_accuracy"], abs=1e-4)
+    assert "calibration" in m and set(m["calibration"]["ece"]) == {"validation", "test"}
     assert rows["forest"]["test_overall_accuracy"] == pytest.approx(m["baseline"]["overall_accuracy"], abs=1e-4)
     assert rows["boosting"]["test_overall_accuracy"] == pytest.approx(m["boosting"]["overall_accuracy"], abs=1e-4)
     assert "chosen among the candidates" in m["protocol"] and "validation pixels only" in m["protocol"]
 
     with rasterio.open(run / "map" / "crops.tif") as ds:
-        assert "auto: mean of 2 split-seed models" in ds.tags()["model"]
+        assert f"auto: mean of {2 * len(members)} split-seed models" in ds.tags()["model"]
     html = (run / "report.html").read_text()
     assert "Model choice" in html and all(n in html for n in names)
 
@@ -111,3 +114,30 @@ def test_auto_with_pretraining_or_transfer_is_refused_with_one_line(sites_dir):
     write_site(sites_dir, demo_doc("demo-auto-bad", model="auto", model_options={}, candidates=["ltae", "no-such-model"]))
     with pytest.raises(CropmapError, match="unknown pixel model 'no-such-model'"):
         load_site("demo-auto-bad")
+
+
+def test_the_blend_is_the_mean_of_the_candidates_calibrated_probabilities(auto_site, tmp_path):
+    """Its validation figures are those of the mean of the members' calibrated validation probabilities."""
+    from cropmap.models.calibration import scale
+    from cropmap.pipeline.levels.common import encode_labels
+    from cropmap.pipeline.levels.pixel.evaluate import predict_samples
+    from cropmap.pipeline.levels.selection import validation_scores
+    from cropmap.pipeline.samples import load_store
+    from cropmap.pipeline.splits import ParcelSplit
+
+    run = tmp_path / "run"
+    _run(auto_site, run, until="train")
+    choice = json.loads((run / "models" / "choice.json").read_text())
+    samples = load_store(run / "samples" / "pixels", mmap=False)
+    blend = next(c for c in choice["candidates"] if c["name"] == "blend")
+    for row in blend["validation"]:
+        seed_dir = run / "models" / f"seed-{row['seed']}"
+        split = ParcelSplit.from_dict(json.loads((seed_dir / "ltae" / "split.json").read_text()))
+        val = samples.subset(np.nonzero(split.row_sides(samples.table) == "val")[0])
+        probs = []
+        for name in ("ltae", "forest", "boosting"):
+            p, meta, aligned = predict_samples(seed_dir / name, val)
+            probs.append(scale(p, (meta.get("calibration") or {}).get("temperature", 1.0)))
+        y = encode_labels(aligned, meta["classes"])
+        want = validation_scores(y, np.arange(len(y)), np.mean(probs, axis=0))
+        assert row["macro_f1"] == pytest.approx(want["macro_f1"]) and row["overall_accuracy"] == pytest.approx(want["overall_accuracy"])
