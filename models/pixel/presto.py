@@ -29,7 +29,7 @@ API (also used by the ``auto`` selection)::
     info = fit_embed_head(model, series_tr, y_tr, mean, std, series_val, y_val, seed=0)
 
 The pixel level trains both by name (``cropmap train --model presto|presto-embed``, a site's
-``training.model``): :func:`cropmap.pipeline.levels.pixel.train.train_model` takes the window and
+``training.model``): :func:`cropmap.pipeline.levels.series_models.train_model` takes the window and
 location from the training samples (:func:`data_options`) and, for ``presto-embed``, fits the
 head with :func:`fit_embed_head` instead of gradient steps. Any :class:`~cropmap.models.series.Series`
 can be embedded the same way (e.g. parcel-mean series: one row per parcel), with the model's
