@@ -256,7 +256,14 @@ class Training(_Strict):
 class ParcelTraining(_Strict):
     """The parcel path (``level: parcel`` or ``cropmap run --level parcel``): PSE-TSA on parcel pixel sets."""
 
-    model: Literal["psetae"] = "psetae"
+    model: Literal["psetae", "auto"] = "auto"
+    """``psetae``; or ``auto``: PSE-TSA and the series ``candidates`` (pixel models fitted on each parcel's
+    mean series: Presto embeddings + boosting, the forest, boosting, ...) on the same split seeds, mapped
+    with the best on validation macro F1 (ties by OA), its split-seed models averaged."""
+    candidates: list[str] = Field(default_factory=lambda: ["psetae", "presto-embed", "forest", "boosting"], min_length=1)
+    """The candidates of ``model: auto``: ``psetae`` and pixel model names (trained on parcel-mean series)."""
+    blend: bool = True
+    """With ``auto``: one more candidate, the mean of every candidate's (calibrated) probabilities."""
     fusion: Literal["none", "early", "pse", "tsa", "decision"] = "tsa"
     sensors: Literal["s2", "s1", "s1+s2"] = "s1+s2"
     alignment: Literal["nn", "linear"] = "nn"
@@ -279,6 +286,21 @@ class ParcelTraining(_Strict):
     """An optical date is kept for a parcel when at least this fraction of its pixels is clear."""
     s1_window_days: int = Field(default=12, ge=0, le=60)
     """Radar acquisitions averaged (in linear power) over this many days (0: raw acquisitions)."""
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v: list[str]) -> list[str]:
+        from cropmap.models.registry import model_names
+
+        bad = [c for c in v if c != "psetae" and c not in model_names("pixel")]
+        if bad:
+            raise ValueError(f"unknown parcel candidate(s) {bad}; choose psetae or pixel models ({', '.join(model_names('pixel'))})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"parcel.candidates lists a model twice: {v}")
+        return v
+
+    def candidate_list(self) -> list[str]:
+        return list(self.candidates) if self.model == "auto" else ["psetae"]
 
 
 class PatchPretrain(_Strict):

@@ -50,7 +50,7 @@ from cropmap.pipeline.levels.pixel.predict import predict_site
 from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
 from cropmap.pipeline.levels.pixel.tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from cropmap.pipeline.levels.pixel.train import as_series, train_model
-from cropmap.pipeline.levels.selection import CandidateResult, candidate_table, choose, validation_scores
+from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_scores
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.samples import load_store, save_store
 from cropmap.pipeline.sites import Candidate, Legend
@@ -238,15 +238,11 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             report[f"seed-{seed}"] = seed_report
         outputs = {"models": "models", "model": f"models/seed-{tr.split_seeds[0]}", "baselines": "baselines"}
         if tr.auto:
-            choice = choose(list(results.values()))
-            winner = choice["winner"]
-            members = [c.model for c in candidates] if winner == BLEND else [winner]
-            doc = {**choice, "members": members, "ensemble": [f"models/seed-{s}/{m}" for s in tr.split_seeds for m in members],
-                   "candidates": [{"name": r.name, "validation": r.validation, "seconds": round(r.seconds, 1)} for r in results.values()],
-                   "settings": [c.model_dump() for c in candidates],
-                   "note": "chosen on the validation pixels of every split seed; the test pixels were not read"}
+            doc = choice_document(list(results.values()), [c.model for c in candidates], tr.split_seeds,
+                                  lambda s, m: f"models/seed-{s}/{m}", [c.model_dump() for c in candidates])
+            winner, members = doc["winner"], doc["members"]
             write_json(models_dir / "choice.json", doc)
-            report["choice"] = {"winner": winner, "reason": choice["reason"]}
+            report["choice"] = {"winner": winner, "reason": doc["reason"]}
             outputs.update(model=f"models/seed-{tr.split_seeds[0]}/{members[0]}", choice="models/choice.json")
         ctx.report.update(report)
         return outputs
@@ -368,10 +364,6 @@ def pixel_outputs(done: dict) -> dict[str, str]:
 def _tile_pixels(path: Path) -> int:
     c = open_cube(path)
     return int(c.sizes["y"] * c.sizes["x"])
-
-
-BLEND = "blend"
-"""The candidate of ``training.blend``: the mean of every candidate's calibrated probabilities."""
 
 
 def calibrated(proba: np.ndarray, meta: dict) -> np.ndarray:
