@@ -141,3 +141,23 @@ def test_the_blend_is_the_mean_of_the_candidates_calibrated_probabilities(auto_s
         y = encode_labels(aligned, meta["classes"])
         want = validation_scores(y, np.arange(len(y)), np.mean(probs, axis=0))
         assert row["macro_f1"] == pytest.approx(want["macro_f1"]) and row["overall_accuracy"] == pytest.approx(want["overall_accuracy"])
+
+
+def test_parcel_level_auto_ranks_psetae_and_series_candidates_on_validation(sites_dir, tmp_path):
+    doc = demo_doc("demo-parcel-auto", split_seeds=[0])
+    doc["parcel"] = {"model": "auto", "candidates": ["psetae", "forest", "boosting"], "epochs": 2}
+    write_site(sites_dir, doc)
+    site = load_site("demo-parcel-auto")
+    stages, _ = build_stages(site, 2019, device="cpu", level="parcel")
+    Runner(tmp_path / "p", {"site": site.name, "year": 2019}).run(stages, lambda done: {})
+    choice = json.loads((tmp_path / "p" / "parcel_models" / "choice.json").read_text())
+    assert [c["name"] for c in choice["candidates"]] == ["psetae", "forest", "boosting", "blend"]
+    f1 = {c["name"]: c["validation"][0]["macro_f1"] for c in choice["candidates"]}
+    assert f1[choice["winner"]] == max(f1.values())
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert m["selection"] == "auto" and {r["name"] for r in m["candidates"]} == set(f1)
+    assert m["runs"][0]["candidates"][choice["winner"]]["overall_accuracy"] == m["runs"][0]["model"]["overall_accuracy"]
+    import geopandas as gpd
+
+    parcels = gpd.read_file(tmp_path / "p" / "map" / "parcels.gpkg")
+    assert len(parcels) > 0 and parcels["probability"].between(0, 1).all()
