@@ -89,7 +89,8 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
                 model_name: str = "stnet", fit_config: FitConfig | None = None, pretrained: Path | None = None,
                 model_options: dict | None = None, extra_meta: dict | None = None, extra_files: dict[str, object] | None = None,
                 on_epoch: Callable[[dict], None] | None = None, on_batch: Callable[[int], None] | None = None,
-                resume: bool = True, normalisation: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                resume: bool = True, normalisation: tuple[np.ndarray, np.ndarray] | None = None,
+                early_stopping: bool = True) -> dict:
     """Fit ``model_name`` and write the model directory ``out_dir`` atomically; returns its meta.
 
     While training, ``OUT.training/`` holds ``history.csv``, TensorBoard logs and a checkpoint of
@@ -98,6 +99,9 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     directory) fixes the architecture and normalisation and initialises every non-decoder weight.
     ``normalisation`` (band means, stds) replaces the training samples' statistics when there is no
     ``pretrained`` directory (benchmarks use it to normalise paired rows identically).
+    ``early_stopping=False``: a fixed schedule (all epochs, all boosting rounds); the validation
+    samples then only fit the temperature, so that their scores stay a fair basis for choosing
+    between models (``training.model: auto``), which early stopping on them would bias.
     """
     cfg = fit_config or FitConfig()
     if model_name not in model_names("pixel"):
@@ -137,7 +141,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
     if (isinstance(model, PrestoClassifier) and model.config.head == "boosting") or isinstance(model, TreeClassifier):
         return _fit_head(model, samples, train_idx, val_idx, y, classes, mean, std, out_dir, model_name=model_name,
-                         cfg=cfg, pretrained=pretrained, extra_meta=extra_meta, extra_files=extra_files)
+                         cfg=cfg, pretrained=pretrained, extra_meta=extra_meta, extra_files=extra_files, early_stopping=early_stopping)
     work = work_dir_for(out_dir)
     main = ddp.current().is_main  # under torchrun only rank 0 logs and writes; the others train in step with it
     if not resume and main:
@@ -147,7 +151,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     try:
         result: FitResult = fit(
             model, sub(train_idx), y[train_idx], mean, std, cfg,
-            val=sub(val_idx) if len(val_idx) else None, y_val=y[val_idx] if len(val_idx) else None,
+            val=sub(val_idx) if len(val_idx) and early_stopping else None, y_val=y[val_idx] if len(val_idx) and early_stopping else None,
             n_classes=len(classes), on_epoch=log_epoch, on_batch=on_batch, checkpoint=work / "checkpoint.pt",
         )
     finally:
@@ -193,7 +197,8 @@ def data_options_for(model_name: str, samples: PixelSamples, train_idx: np.ndarr
 
 def _fit_head(model: PrestoClassifier | TreeClassifier, samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarray,
               y: np.ndarray, classes: list[dict], mean: np.ndarray, std: np.ndarray, out_dir: Path, *, model_name: str,
-              cfg: FitConfig, pretrained: Path | None, extra_meta: dict | None, extra_files: dict[str, object] | None) -> dict:
+              cfg: FitConfig, pretrained: Path | None, extra_meta: dict | None, extra_files: dict[str, object] | None,
+              early_stopping: bool = True) -> dict:
     """The models fitted without gradient steps, in the same model directory as :func:`train_model`:
 
     * ``presto-embed``: frozen encoder embeddings (computed once, cached) + a boosting head with
@@ -206,14 +211,15 @@ def _fit_head(model: PrestoClassifier | TreeClassifier, samples: PixelSamples, t
     t0 = time.perf_counter()
     sub = lambda idx: as_series(samples.subset(idx))  # noqa: E731
     has_val = len(val_idx) > 0
-    args = (model, sub(train_idx), y[train_idx], mean, std, sub(val_idx) if has_val else None, y[val_idx] if has_val else None)
+    stop = has_val and early_stopping
+    args = (model, sub(train_idx), y[train_idx], mean, std, sub(val_idx) if stop else None, y[val_idx] if stop else None)
     if isinstance(model, TreeClassifier):
         info, max_len = fit_tree_head(*args, seed=cfg.seed), TREE_MAX_OBS
         method = (f"{model.config.kind} on {model.config.bin_days}-day median features"
-                  + (" (early stopping on validation)" if model.config.kind == "boosting" else ""))
+                  + (" (early stopping on validation)" if model.config.kind == "boosting" and stop else ""))
     else:
         info, max_len = fit_embed_head(*args, seed=cfg.seed), EMBED_MAX_OBS
-        method = "frozen Presto embeddings + LightGBM head (early stopping on validation)"
+        method = "frozen Presto embeddings + LightGBM head" + (" (early stopping on validation)" if stop else " (fixed rounds)")
     seconds = time.perf_counter() - t0
     calibration = (_calibrate(model, sub(val_idx), y[val_idx], mean, std, replace(cfg, max_len=max_len, batch_size=max(cfg.batch_size, 256)))
                    if has_val else None)

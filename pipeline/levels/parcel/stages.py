@@ -191,7 +191,8 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
                     cfg = ParcelFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
                                           class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, patience=pc.patience,
                                           seed=seed, device=device)
-                    meta = train_parcel_model(samples, side["train"], side["val"], out, opts, cfg,
+                    # auto: a fixed schedule, so that the validation parcels stay a fair basis for the choice
+                    meta = train_parcel_model(samples, side["train"], side["val"] if not auto else side["val"][:0], out, opts, cfg,
                                               extra_files={"split.json": split.to_dict()},
                                               on_epoch=(lambda row: tick(1)) if tick else None)
                     if tick:
@@ -201,7 +202,7 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
                     seen = means.lengths > 0
                     meta = train_model(means, side["train"][seen[side["train"]]], side["val"][seen[side["val"]]], out, model_name=cand,
                                        fit_config=series_config(seed), extra_files={"split.json": split.to_dict()},
-                                       extra_meta={"inputs": {"parcel_mean_series": True}})
+                                       extra_meta={"inputs": {"parcel_mean_series": True}}, early_stopping=False)
                     row = {"best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"]}
                     if [c["label"] for c in meta["classes"]] != [c["label"] for c in classes]:
                         raise StageError(f"candidate {cand} of seed {seed} has other classes than the split", fix="rerun with --force")

@@ -202,7 +202,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                                    model_options=cand.model_options, fit_config=fit_config(seed, cand), pretrained=init,
                                    extra_files={"split.json": split.to_dict()},
                                    extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
-                                   on_epoch=(lambda row: tick(1)) if tick else None)
+                                   on_epoch=(lambda row: tick(1)) if tick else None, early_stopping=not tr.auto)
                 gradient = cand.model not in fitted_without_gradients()
                 if tick and gradient:
                     tick((cand.epochs or tr.epochs) - meta["fit"]["epochs_run"])
@@ -395,7 +395,9 @@ def _metrics_document(runs: list[dict], tr, legend: Legend, choice: dict | None 
     split = runs[0].get("split", "parcel-disjoint")
     if choice:
         mapping = (f"The model is chosen among the candidates ({', '.join(r['name'] for r in choice['candidates'])}) by "
-                   f"{choice['criterion']}, read on the validation pixels only; every candidate is then scored on the same test pixels. "
+                   f"{choice['criterion']}, read on the validation pixels only (with auto the candidates train on fixed schedules: "
+                   "no early stopping on the validation pixels, which only fit each model's temperature); every candidate is then "
+                   "scored on the same test pixels. "
                    f"The map averages the probabilities of the winner's models of all split seeds ({len(choice['ensemble'])} models; "
                    "blend: every candidate's); "
                    "the figures are those of each seed's model on its own test pixels (the ensemble has no held-out pixels of its own).")
