@@ -274,6 +274,12 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
                     raise NotImplementedError(f"blend needs two of {BLEND} in the same run, has {members}")
                 parts = [predictors[m] for m in members]
                 predict, impl = (lambda idx, parts=parts: np.mean([p(idx) for p in parts], axis=0)), f"blend: mean of {members}"
+            elif name == "blend-all":  # what a run's `training.blend` does: the mean of every candidate fitted before it
+                members = [m for m in predictors if m not in ("blend", "blend-all")]
+                if len(members) < 2:
+                    raise NotImplementedError(f"blend-all needs two candidates before it, has {members}")
+                parts = [predictors[m] for m in members]
+                predict, impl = (lambda idx, parts=parts: np.mean([p(idx) for p in parts], axis=0)), f"blend-all: mean of {members}"
             elif name in BASELINES:
                 predict, impl = fit_features(name, samples, train, seen, seed, feats, n_classes)
             elif name.startswith("presto"):
@@ -387,7 +393,7 @@ def summarize(rows: list[dict]) -> str:
                             f"{full.loc['forest', 'test_macro_f1']:.3f}, boosting {full.loc['boosting', 'test_overall_accuracy']:.3f} / "
                             f"{full.loc['boosting', 'test_macro_f1']:.3f})")
         small = d[d.budget == 0.05].groupby("candidate")[["test_overall_accuracy", "test_macro_f1"]].mean()
-        deep = [c for c in small.index if c not in (*BASELINES, "auto", "auto-run", "blend") and not c.startswith("presto")]
+        deep = [c for c in small.index if c not in (*BASELINES, "auto", "auto-run", "blend", "blend-all") and not c.startswith("presto")]
         presto = [c for c in small.index if c.startswith("presto")]
         if deep:
             best = small.loc[deep, "test_overall_accuracy"].idxmax()  # the best on TEST: the harder comparison for Presto

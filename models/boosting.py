@@ -20,10 +20,13 @@ validation, never on test): :func:`fit_boosting`. :func:`proba_for_classes` spre
 from __future__ import annotations
 
 import inspect
+import zlib
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
-__all__ = ["fit_boosting", "make_boosting", "proba_for_classes"]
+__all__ = ["BoostingHead", "fit_boosting", "make_boosting", "proba_for_classes"]
 
 
 def make_boosting(seed: int = 0, n_jobs: int = 1, n_estimators: int = 200, learning_rate: float = 0.1,
@@ -75,3 +78,41 @@ def proba_for_classes(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
     out = np.zeros((len(p), n_classes), dtype=np.float32)
     out[:, np.asarray(clf.classes_, dtype=np.int64)] = p
     return out
+
+
+class BoostingHead(nn.Module):
+    """A LightGBM classifier held as bytes in a buffer (``blob``), so it travels in safetensors."""
+
+    def __init__(self, n_bytes: int, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = int(n_classes)
+        self.register_buffer("blob", torch.zeros(int(n_bytes), dtype=torch.uint8))
+        self._booster = None
+
+    def set_booster(self, booster) -> None:
+        raw = zlib.compress(booster.model_to_string().encode("utf-8"), 6)
+        self.blob = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+        self._booster = booster
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch hook
+        self._booster = None  # new bytes: deserialize again on next use
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def booster(self):
+        if self._booster is None:
+            if self.blob.numel() == 0:
+                raise RuntimeError("the boosting head is not trained (fit_embed_head first)")
+            import lightgbm as lgb
+
+            self._booster = lgb.Booster(model_str=zlib.decompress(bytes(self.blob.cpu().numpy())).decode("utf-8"))
+        return self._booster
+
+    def predict_proba(self, emb: np.ndarray) -> np.ndarray:
+        p = np.asarray(self.booster().predict(np.asarray(emb, dtype=np.float32)), dtype=np.float64)
+        if p.ndim == 1:  # binary objective: probability of class 1
+            p = np.stack([1.0 - p, p], 1)
+        return p
+
+    def forward(self, emb: Tensor) -> Tensor:
+        p = self.predict_proba(emb.detach().float().cpu().numpy())
+        return torch.log(torch.from_numpy(p).clamp_min(1e-9)).to(device=emb.device, dtype=torch.float32)

@@ -11,6 +11,8 @@ lstm           pixel   stacked LSTM (:mod:`.pixel.lstm`)
 inceptiontime  pixel   InceptionTime (:mod:`.pixel.inceptiontime`)
 presto         pixel   pre-trained Presto encoder fine-tuned end to end with a small head (:mod:`.pixel.presto`)
 presto-embed   pixel   frozen Presto embeddings + a LightGBM head, WorldCereal's recipe (:mod:`.pixel.presto`)
+forest         pixel   random forest on 30-day median features, the project's baseline (:mod:`.pixel.trees`)
+boosting       pixel   LightGBM gradient boosting on the same features (:mod:`.pixel.trees`)
 psetae         parcel  PSE-TAE with optical + radar fusion variants (:mod:`.parcel.fusion`)
 stcln          patch   STCLN, windowed spatiotemporal attention, masked pre-training (:mod:`.patch.stcln`)
 utae           patch   U-TAE, the published reference (:mod:`.patch.utae`)
@@ -22,8 +24,9 @@ the module and its config as plain types; the parcel builder takes the parcel mo
 sensors, channels, ...). :func:`model_from_config` rebuilds any module from its saved config.
 Pixel models take the batch convention of :mod:`cropmap.models.series` and expose
 ``encode(x, present, days, mask) -> (B, D)`` and a ``decoder``. Adding a model: its module beside
-the others of its level and one entry in :data:`MODELS`. The random-forest baseline
-(:mod:`cropmap.models.forest`) is not a network and is not registered here.
+the others of its level and one entry in :data:`MODELS`. ``presto-embed``, ``forest`` and
+``boosting`` are fitted without gradient steps (:func:`fitted_without_gradients`): the pixel
+level's ``train_model`` fits their heads directly, and they map like the networks.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .pixel.presto import PrestoClassifier
 from .pixel.stnet import STNet, STNetConfig
 from .pixel.tempcnn import TempCNN
 from .pixel.transformer import PixelTransformer
+from .pixel.trees import TreeClassifier
 
 LEVELS = ("pixel", "parcel", "patch")
 
@@ -55,6 +59,7 @@ class ModelSpec:
     level: str  # "pixel", "parcel" or "patch"
     build: Callable[..., Any]  # pixel/patch: (**kw) -> (module, config); parcel: (config) -> module
     rebuild: Callable[[dict], nn.Module]  # saved config -> module
+    gradient: bool = True  # False: fitted without gradient steps (no fit() loop)
 
 
 def _stnet(*, bands: list[str], n_classes: int, mean: list[float], std: list[float], **kw: Any) -> tuple[nn.Module, dict]:
@@ -75,7 +80,13 @@ def _zoo(name: str, cls: type[PixelClassifier]) -> ModelSpec:
 def _presto_embed() -> ModelSpec:
     """``presto`` with the boosting head (trained without gradient steps by the pixel level's train_model)."""
     spec = _zoo("presto-embed", PrestoClassifier)
-    return ModelSpec(spec.name, "pixel", lambda **kw: spec.build(**{**kw, "head": "boosting"}), spec.rebuild)
+    return ModelSpec(spec.name, "pixel", lambda **kw: spec.build(**{**kw, "head": "boosting"}), spec.rebuild, gradient=False)
+
+
+def _trees(kind: str) -> ModelSpec:
+    """A :class:`~.pixel.trees.TreeClassifier` of one ``kind`` (forest or boosting)."""
+    spec = _zoo(kind, TreeClassifier)
+    return ModelSpec(kind, "pixel", lambda **kw: spec.build(**{**kw, "kind": kind}), spec.rebuild, gradient=False)
 
 
 def _patch(name: str, cls: type, cfg_cls: type) -> ModelSpec:
@@ -96,6 +107,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     _zoo("inceptiontime", InceptionTime),
     _zoo("presto", PrestoClassifier),
     _presto_embed(),
+    _trees("forest"),
+    _trees("boosting"),
     ModelSpec("psetae", "parcel", build_parcel_model, build_parcel_model),
     _patch("stcln", STCLN, STCLNConfig),
     _patch("utae", UTAE, UTAEConfig),
@@ -107,6 +120,11 @@ def model_names(level: str | None = None) -> list[str]:
     if level is not None and level not in LEVELS:
         raise ValueError(f"unknown level {level!r}")
     return sorted(n for n, s in MODELS.items() if level is None or s.level == level)
+
+
+def fitted_without_gradients() -> list[str]:
+    """Models whose training is not a gradient loop (``presto-embed``, ``forest``, ``boosting``)."""
+    return sorted(n for n, s in MODELS.items() if not s.gradient)
 
 
 def level_of(name: str) -> str:

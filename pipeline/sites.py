@@ -138,10 +138,51 @@ class Pretrain(_Strict):
                           view_length=self.view_length, seed=seed, device=device or "auto")
 
 
-class Training(_Strict):
-    model: str = "stnet"
+AUTO = "auto"
+DEFAULT_CANDIDATES = ("ltae", "presto", "presto-embed", "forest", "boosting")
+"""The candidates of ``training.model: auto``: the best from-scratch deep model of the benchmarks
+(L-TAE, benchmarks/RESULTS.md "Candidates"), Presto fine-tuned, Presto embeddings + boosting, the
+random forest and gradient boosting."""
+
+
+class Candidate(_Strict):
+    """One candidate of ``training.model: auto``: a pixel model and what it changes of the recipe."""
+
+    model: str
     model_options: dict[str, Any] = Field(default_factory=dict)
-    """Constructor options of the model (e.g. ``pooling: mean`` for STNet)."""
+    epochs: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    max_len: int | None = Field(default=None, ge=4)
+    max_pixels_per_parcel: int | None = Field(default=None, ge=1)
+    """Fewer training pixels per parcel than the site's (pixels of one field are near copies; a slow model learns as much from fewer)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_only(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from cropmap.models.registry import model_names
+
+        if v not in model_names("pixel"):
+            raise ValueError(f"unknown pixel model {v!r}; choose from {', '.join(model_names('pixel'))}")
+        return v
+
+
+class Training(_Strict):
+    model: str = AUTO
+    """A pixel model by name, or ``auto``: train every one of ``candidates`` on the same split seeds, map
+    with the one of the best validation macro F1 (ties by validation OA), its split-seed models averaged."""
+    candidates: list[Candidate] = Field(default_factory=lambda: [Candidate(model=m) for m in DEFAULT_CANDIDATES], min_length=1)
+    """The candidates of ``model: auto`` (names, or ``{model: NAME, epochs: ..., ...}`` to change their recipe)."""
+    blend: bool = True
+    """With ``auto``, one more candidate, ``blend``: the mean of every candidate's calibrated class probabilities
+    (scored on validation like the others; if it wins, the map averages all candidates of all split seeds)."""
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    """Constructor options of the model (e.g. ``pooling: mean`` for STNet); with ``auto``, set them per candidate."""
     pool_years: bool = False
     """Train on labelled tiles of every site year up to the run year (not only the run year)."""
     transfer: Literal["none", "previous-year"] = "none"
@@ -180,6 +221,31 @@ class Training(_Strict):
     """Early stopping: epochs without validation improvement (needs val_fraction > 0)."""
     pretrain: Pretrain = Field(default_factory=Pretrain)
 
+    @model_validator(mode="after")
+    def _check_model(self) -> Training:
+        from cropmap.models.registry import model_names
+
+        if self.model != AUTO and self.model not in model_names("pixel"):
+            raise ValueError(f"unknown pixel model {self.model!r}; choose auto or one of {', '.join(model_names('pixel'))}")
+        names = [c.model for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"training.candidates lists a model twice: {names}")
+        if self.model == AUTO and self.pretrain.method != "none":
+            raise ValueError("pre-training (training.pretrain) needs one model: set training.model (e.g. stnet) instead of auto")
+        if self.model == AUTO and self.transfer != "none":
+            raise ValueError("transfer from last year needs one model: set training.model (e.g. stnet) instead of auto")
+        if self.model == AUTO and self.model_options:
+            raise ValueError("training.model_options with model auto: give them per candidate ({model: NAME, model_options: {...}})")
+        return self
+
+    @property
+    def auto(self) -> bool:
+        return self.model == AUTO
+
+    def candidate_list(self) -> list[Candidate]:
+        """The models this site trains: the candidates with ``auto``, else the one model."""
+        return list(self.candidates) if self.auto else [Candidate(model=self.model, model_options=self.model_options)]
+
     def augment(self):
         """The training augmentations as :class:`cropmap.models.series.Augment`."""
         from cropmap.models.series import Augment
@@ -190,7 +256,14 @@ class Training(_Strict):
 class ParcelTraining(_Strict):
     """The parcel path (``level: parcel`` or ``cropmap run --level parcel``): PSE-TSA on parcel pixel sets."""
 
-    model: Literal["psetae"] = "psetae"
+    model: Literal["psetae", "auto"] = "auto"
+    """``psetae``; or ``auto``: PSE-TSA and the series ``candidates`` (pixel models fitted on each parcel's
+    mean series: Presto embeddings + boosting, the forest, boosting, ...) on the same split seeds, mapped
+    with the best on validation macro F1 (ties by OA), its split-seed models averaged."""
+    candidates: list[str] = Field(default_factory=lambda: ["psetae", "presto-embed", "forest", "boosting"], min_length=1)
+    """The candidates of ``model: auto``: ``psetae`` and pixel model names (trained on parcel-mean series)."""
+    blend: bool = True
+    """With ``auto``: one more candidate, the mean of every candidate's (calibrated) probabilities."""
     fusion: Literal["none", "early", "pse", "tsa", "decision"] = "tsa"
     sensors: Literal["s2", "s1", "s1+s2"] = "s1+s2"
     alignment: Literal["nn", "linear"] = "nn"
@@ -213,6 +286,21 @@ class ParcelTraining(_Strict):
     """An optical date is kept for a parcel when at least this fraction of its pixels is clear."""
     s1_window_days: int = Field(default=12, ge=0, le=60)
     """Radar acquisitions averaged (in linear power) over this many days (0: raw acquisitions)."""
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v: list[str]) -> list[str]:
+        from cropmap.models.registry import model_names
+
+        bad = [c for c in v if c != "psetae" and c not in model_names("pixel")]
+        if bad:
+            raise ValueError(f"unknown parcel candidate(s) {bad}; choose psetae or pixel models ({', '.join(model_names('pixel'))})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"parcel.candidates lists a model twice: {v}")
+        return v
+
+    def candidate_list(self) -> list[str]:
+        return list(self.candidates) if self.model == "auto" else ["psetae"]
 
 
 class PatchPretrain(_Strict):

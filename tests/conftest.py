@@ -49,7 +49,10 @@ def demo_doc(name: str = "demo-fast", **training) -> dict:
     doc = yaml.safe_load((SITES_DIR / "demo.yaml").read_text())
     doc["name"] = name
     doc["local"]["root"] = str(DEMO_DATA)
-    doc["training"] = {**doc.get("training", {}), "epochs": 1, "max_pixels_per_parcel": 15, "split_seeds": [0, 1], **training}
+    base = {k: v for k, v in doc.get("training", {}).items() if k != "candidates"}
+    # one cheap model unless a test asks for auto (tests of the choice: tests/pipeline/levels/pixel/test_auto.py)
+    base.update(model="stnet", model_options={"pooling": "mean"})
+    doc["training"] = {**base, "epochs": 1, "max_pixels_per_parcel": 15, "split_seeds": [0, 1], **training}
     return doc
 
 

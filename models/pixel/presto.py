@@ -29,7 +29,7 @@ API (also used by the ``auto`` selection)::
     info = fit_embed_head(model, series_tr, y_tr, mean, std, series_val, y_val, seed=0)
 
 The pixel level trains both by name (``cropmap train --model presto|presto-embed``, a site's
-``training.model``): :func:`cropmap.pipeline.levels.pixel.train.train_model` takes the window and
+``training.model``): :func:`cropmap.pipeline.levels.series_models.train_model` takes the window and
 location from the training samples (:func:`data_options`) and, for ``presto-embed``, fits the
 head with :func:`fit_embed_head` instead of gradient steps. Any :class:`~cropmap.models.series.Series`
 can be embedded the same way (e.g. parcel-mean series: one row per parcel), with the model's
@@ -46,7 +46,6 @@ centre, ``[]`` when unknown: the location token is then left out), ``head``, ``h
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from cropmap.models.base import PixelClassifier, PixelModelConfig
+from cropmap.models.boosting import BoostingHead
 from cropmap.models.series import Series, pad_batch
 
 from .presto_inputs import PrestoInputs, samples_location, window_for_days
@@ -101,44 +101,6 @@ class PrestoConfig(PixelModelConfig):
         self._require_probability("dropout")
         if self.head_bytes < 0:
             raise ValueError(f"head_bytes must be >= 0, got {self.head_bytes}")
-
-
-class BoostingHead(nn.Module):
-    """A LightGBM classifier held as bytes in a buffer (``blob``), so it travels in safetensors."""
-
-    def __init__(self, n_bytes: int, n_classes: int) -> None:
-        super().__init__()
-        self.n_classes = int(n_classes)
-        self.register_buffer("blob", torch.zeros(int(n_bytes), dtype=torch.uint8))
-        self._booster = None
-
-    def set_booster(self, booster) -> None:
-        raw = zlib.compress(booster.model_to_string().encode("utf-8"), 6)
-        self.blob = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
-        self._booster = booster
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch hook
-        self._booster = None  # new bytes: deserialize again on next use
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def booster(self):
-        if self._booster is None:
-            if self.blob.numel() == 0:
-                raise RuntimeError("the boosting head is not trained (fit_embed_head first)")
-            import lightgbm as lgb
-
-            self._booster = lgb.Booster(model_str=zlib.decompress(bytes(self.blob.cpu().numpy())).decode("utf-8"))
-        return self._booster
-
-    def predict_proba(self, emb: np.ndarray) -> np.ndarray:
-        p = np.asarray(self.booster().predict(np.asarray(emb, dtype=np.float32)), dtype=np.float64)
-        if p.ndim == 1:  # binary objective: probability of class 1
-            p = np.stack([1.0 - p, p], 1)
-        return p
-
-    def forward(self, emb: Tensor) -> Tensor:
-        p = self.predict_proba(emb.detach().float().cpu().numpy())
-        return torch.log(torch.from_numpy(p).clamp_min(1e-9)).to(device=emb.device, dtype=torch.float32)
 
 
 class PrestoClassifier(PixelClassifier):

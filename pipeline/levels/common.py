@@ -144,8 +144,13 @@ def write_forest_baseline(path: Path, seed: int, x_train: np.ndarray, y_train: n
     forest = make_forest(seed).fit(x_train, y_train)
     full = np.zeros((len(x_test), n_classes), dtype=np.float32)
     full[:, forest.classes_] = forest.predict_proba(x_test)
+    write_baseline(path, id_column, test_ids, full)
+
+
+def write_baseline(path: Path, id_column: str, test_ids: np.ndarray, proba: np.ndarray) -> None:
+    """Class probabilities of the test samples (columns ``p0..p{n-1}``, keyed by ``id_column``), atomically."""
     base = pd.DataFrame({id_column: test_ids})
-    base[[f"p{i}" for i in range(n_classes)]] = full
+    base[[f"p{i}" for i in range(np.asarray(proba).shape[1])]] = np.asarray(proba, np.float32)
     with atomic_path(path) as tmp:
         base.to_parquet(tmp, index=False)
 
@@ -157,10 +162,7 @@ def write_boosting_baseline(path: Path, seed: int, x_train: np.ndarray, y_train:
     from cropmap.models.boosting import fit_boosting, proba_for_classes
 
     clf = fit_boosting(x_train, y_train, x_val, y_val, seed=seed)
-    base = pd.DataFrame({id_column: test_ids})
-    base[[f"p{i}" for i in range(n_classes)]] = proba_for_classes(clf, x_test, n_classes)
-    with atomic_path(path) as tmp:
-        base.to_parquet(tmp, index=False)
+    write_baseline(path, id_column, test_ids, proba_for_classes(clf, x_test, n_classes))
 
 
 def read_baseline(path: Path, id_column: str, test_ids: np.ndarray, n_classes: int, what: str) -> np.ndarray:

@@ -32,6 +32,8 @@ from cropmap.models.metrics import classification_metrics
 
 __all__ = [
     "AUTO",
+    "BLEND",
+    "choice_document",
     "Split",
     "CandidateResult",
     "GuardedLabels",
@@ -44,6 +46,8 @@ __all__ = [
 ]
 
 AUTO = "auto"
+BLEND = "blend"
+"""The candidate that is the mean of every other candidate's (calibrated) probabilities."""
 PRIMARY, SECONDARY = "macro_f1", "overall_accuracy"
 
 
@@ -269,3 +273,15 @@ def candidate_table(choice: dict, results: Sequence[CandidateResult]) -> list[di
                     row[f"{which}_{key}_sd"] = round(r.sd(which, key), 4)
         rows.append(row)
     return rows
+
+
+def choice_document(results: Sequence[CandidateResult], names: Sequence[str], seeds: Sequence[int],
+                    model_path: Callable[[int, str], str], settings: list, unit: str = "pixels") -> dict:
+    """The ``choice.json`` of a run: :func:`choose` on the validation rows of ``results``, the winner's
+    ``members`` (every candidate in ``names`` for :data:`BLEND`) and the model directories the map
+    averages (``model_path(seed, name)`` for every seed and member), each candidate's validation rows."""
+    choice = choose(list(results))
+    members = list(names) if choice["winner"] == BLEND else [choice["winner"]]
+    return {**choice, "members": members, "ensemble": [model_path(s, m) for s in seeds for m in members],
+            "candidates": [{"name": r.name, "validation": r.validation, "seconds": round(r.seconds, 1)} for r in results],
+            "settings": settings, "note": f"chosen on the validation {unit} of every split seed; the test {unit} were not read"}

@@ -26,7 +26,7 @@ from cropmap.pipeline.fsio import write_text
 from cropmap.pipeline.sites import Legend, Site
 from cropmap.pipeline.stages.maps import read_class_table
 
-REPORT_VERSION = "2"
+REPORT_VERSION = "3"  # 3: the model choice section (auto)
 
 
 def _e(v) -> str:
@@ -292,6 +292,23 @@ def _calibration_section(cal: dict) -> str:
             f"temperatures {temps}. {_e(cal['binning'])}. {_e(cal['applied_to'])}.</p>{note}<table>{''.join(tab)}</table>{figs}")
 
 
+def _choice_section(choice: dict, candidates: list[dict]) -> str:
+    """``training.model: auto``: every candidate's validation (the choice) and test figures, and why the winner won."""
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key]:.3f} ± {r[key + '_sd']:.3f}" if key in r else "–"
+
+    tab = [_row(["candidate", "validation macro F1", "validation OA", "test macro F1", "test OA", "fit seconds"], "th")]
+    for r in candidates:
+        name = f"<b>{_e(r['name'])}</b> (chosen)" if r.get("winner") else _e(r["name"])
+        tab.append(_row([name, cell(r, "validation_macro_f1"), cell(r, "validation_overall_accuracy"), cell(r, "test_macro_f1"),
+                         cell(r, "test_overall_accuracy"), f"{r.get('seconds', 0):.0f}"])
+                   if "error" not in r else _row([name, _e(r["error"]), "", "", "", ""]))
+    return (f"<h2>Model choice</h2><p>{_e(choice['reason'])}. Criterion: {_e(choice['criterion'])}; {_e(choice['note'])}. "
+            f"The map averages the probabilities of {len(choice['ensemble'])} split-seed models of {_e(choice['winner'])}. "
+            "Test figures are shown for comparison only (mean ± sd over split seeds).</p>"
+            f"<table>{''.join(tab)}</table>")
+
+
 def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: dict, preview: Path, run_dir: Path,
                  map_path: Path | None = None, labels_dir: Path | None = None, label_tiles: list[str] | None = None,
                  previous_map: Path | None = None, transfer: Path | None = None) -> Path:
@@ -353,6 +370,8 @@ def write_report(path: Path, *, site: Site, year: int, legend: Legend, metrics: 
         gain = (f"Mean gain of starting from last year's model: overall accuracy {g['overall_accuracy']:+.3f}, macro F1 {g['macro_f1']:+.3f}."
                 if g else "No split had a test parcel on this year's tiles: no comparison.")
         sections.append(f"<h2>Cross-year transfer</h2><p>{_e(t['protocol'])}</p><p>{gain}</p><table>{''.join(tab)}</table>")
+    if m.get("candidates") and m.get("choice"):
+        sections.append(_choice_section(m["choice"], m["candidates"]))
     if m.get("calibration"):
         sections.append(_calibration_section(m["calibration"]))
     doc = f"""<!doctype html>

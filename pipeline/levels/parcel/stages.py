@@ -17,7 +17,9 @@ Parcels come from the labels stage's parcel rasters, or from the site's polygon 
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ from cropmap.models.forest import binned_features
 from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.parcel.batch import ParcelSets
 from cropmap.models.parcel.training import ParcelFitConfig
-from cropmap.models.series import Series
+from cropmap.models.training import FitConfig
 from cropmap.pipeline.cube import grid_of, open_cube
 from cropmap.pipeline.errors import StageError
 from cropmap.pipeline.fsio import atomic_path, write_json
@@ -52,7 +54,16 @@ from cropmap.pipeline.levels.parcel.parcels import (
     save_parcel_store,
     tile_parcel_sets,
 )
-from cropmap.pipeline.levels.parcel.train import ParcelOptions, predict_parcels, train_parcel_model
+from cropmap.pipeline.levels.parcel.train import (
+    ParcelOptions,
+    candidate_proba,
+    parcel_mean_samples,
+    predict_parcels,
+    sensor_means,
+    train_parcel_model,
+)
+from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_scores
+from cropmap.pipeline.levels.series_models import train_model
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.sites import Site
 from cropmap.pipeline.splits import split_for
@@ -71,22 +82,12 @@ PROTOCOL = (
 
 def parcel_options(site: Site) -> ParcelOptions:
     p = site.parcel
-    return ParcelOptions(p.model, p.fusion, p.sensors, p.alignment, p.s2_date_fraction, p.until)
+    return ParcelOptions("psetae", p.fusion, p.sensors, p.alignment, p.s2_date_fraction, p.until)
 
 
 def parcel_mean_features(sets: ParcelSets) -> np.ndarray:
     """Random-forest features of parcels: 30-day medians of the parcel-mean series of each sensor."""
-    feats = []
-    for name in ("s2", "s1"):
-        s = sets.sensors[name]
-        vals = np.asarray(s.values)
-        npx = np.repeat(sets.n_pixels, s.lengths)
-        slot = np.arange(vals.shape[2])[None, None, :] < npx[:, None, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nansum(np.where(slot, vals, 0), axis=2) / np.maximum((slot & ~np.isnan(vals)).sum(axis=2), 1)
-        mean[(slot & ~np.isnan(vals)).sum(axis=2) == 0] = np.nan
-        feats.append(binned_features(Series(mean.astype(np.float32), np.asarray(s.days), s.offsets)))
-    return np.concatenate(feats, axis=1)
+    return np.concatenate([binned_features(mean) for mean in sensor_means(sets).values()], axis=1)
 
 
 def parcel_stages(run: RunInputs) -> list[Stage]:
@@ -153,37 +154,105 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
         cols = ["parcel_id", "label", "class_name", *(c for c in ("x", "y", "epsg") if c in t.columns)]
         return t[t["tile"].isin(trained_ids)][cols]
 
+    cands = pc.candidate_list()
+    auto = pc.model == "auto"
+    blending = auto and pc.blend and len(cands) > 1
+
+    def series_config(seed: int) -> FitConfig:
+        """The fit of a series candidate (a pixel model on parcel-mean series): the site's pixel recipe."""
+        return FitConfig(epochs=tr.epochs, batch_size=min(tr.batch_size, 32), lr=tr.lr, max_len=tr.max_len, seed=seed, device=device,
+                         class_weighting=tr.class_weighting, loss=tr.loss, focal_gamma=tr.focal_gamma, patience=tr.patience,
+                         augment=tr.augment())
+
     def parcel_train(ctx: StageContext) -> dict[str, str]:
         samples = load_parcel_store(ctx.upstream["parcel_tensors"]["samples"])
         pos = {int(p): i for i, p in enumerate(samples.table["parcel_id"])}
         models_dir, base_dir = ctx.path("parcel_models"), ctx.path("parcel_baselines")
-        tick = ctx.progress("train parcels", n_epochs * len(tr.split_seeds)) if ctx.progress else None
+        tick = ctx.progress("train parcels", n_epochs * len(tr.split_seeds)) if ctx.progress and "psetae" in cands else None
         feats = parcel_mean_features(samples.sets)
+        means = parcel_mean_samples(samples) if any(c != "psetae" for c in cands) else None
+        results = {c: CandidateResult(c) for c in cands}
+        if blending:
+            results[BLEND] = CandidateResult(BLEND)
         report = {}
         for seed in tr.split_seeds:
             table = trained_parcels(samples)
             split = split_for(table, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
                               dict(zip(table["label"], table["class_name"])), parcels=table)
             side = {k: np.array(sorted(pos[p] for p, s in split.assignment.items() if s == k), np.int64) for k in ("train", "val", "test")}
-            cfg = ParcelFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
-                                  class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, patience=pc.patience,
-                                  seed=seed, device=device)
-            meta = train_parcel_model(samples, side["train"], side["val"], models_dir / f"seed-{seed}", opts, cfg,
-                                      extra_files={"split.json": split.to_dict()},
-                                      on_epoch=(lambda row: tick(1)) if tick else None)
-            if tick:
-                tick(n_epochs - meta["fit"]["epochs_run"])
             classes = class_table(samples, side["train"])
             y = encode_labels(samples, classes)
+            seed_report = {"n_train": int(len(side["train"])), "n_val": int(len(side["val"])), "n_test": int(len(side["test"])),
+                           "train_only_classes": split.train_only}
+            val_p = {}
+            for cand in cands:
+                out = models_dir / f"seed-{seed}" / cand if auto else models_dir / f"seed-{seed}"
+                if cand == "psetae":
+                    cfg = ParcelFitConfig(epochs=n_epochs, batch_size=pc.batch_size, lr=pc.lr, loss=pc.loss, focal_gamma=pc.focal_gamma,
+                                          class_weighting=pc.class_weighting, sample_pixels=pc.sample_pixels, patience=pc.patience,
+                                          seed=seed, device=device)
+                    # auto: a fixed schedule, so that the validation parcels stay a fair basis for the choice
+                    meta = train_parcel_model(samples, side["train"], side["val"] if not auto else side["val"][:0], out, opts, cfg,
+                                              extra_files={"split.json": split.to_dict()},
+                                              on_epoch=(lambda row: tick(1)) if tick else None)
+                    if tick:
+                        tick(n_epochs - meta["fit"]["epochs_run"])
+                    row = {"best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"], "n_parameters": meta["n_parameters"]}
+                else:
+                    seen = means.lengths > 0
+                    meta = train_model(means, side["train"][seen[side["train"]]], side["val"][seen[side["val"]]], out, model_name=cand,
+                                       fit_config=series_config(seed), extra_files={"split.json": split.to_dict()},
+                                       extra_meta={"inputs": {"parcel_mean_series": True}}, early_stopping=False)
+                    row = {"best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"]}
+                    if [c["label"] for c in meta["classes"]] != [c["label"] for c in classes]:
+                        raise StageError(f"candidate {cand} of seed {seed} has other classes than the split", fix="rerun with --force")
+                if not auto:
+                    seed_report.update(row)
+                    continue
+                seed_report[cand] = row
+                results[cand].seconds += float(meta["fit"]["seconds"])
+                if len(side["val"]):  # the choice reads the validation parcels' labels, never the test parcels'
+                    val_p[cand], _ = candidate_proba(cand, out, samples.subset(side["val"]), means.subset(side["val"]) if means else None, device)
+                    results[cand].validation.append({"seed": seed, **validation_scores(y[side["val"]], np.arange(len(side["val"])), val_p[cand])})
+            if blending and len(val_p) == len(cands):
+                blend = np.mean(list(val_p.values()), axis=0)
+                results[BLEND].validation.append({"seed": seed, **validation_scores(y[side["val"]], np.arange(len(side["val"])), blend)})
+            test_ids = samples.table["parcel_id"].to_numpy()[side["test"]]
             write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats[side["train"]], y[side["train"]], feats[side["test"]],
-                                  len(classes), "parcel_id", samples.table["parcel_id"].to_numpy()[side["test"]])
+                                  len(classes), "parcel_id", test_ids)
             write_boosting_baseline(base_dir / f"boosting-seed-{seed}.parquet", seed, feats[side["train"]], y[side["train"]], feats[side["test"]],
-                                    len(classes), "parcel_id", samples.table["parcel_id"].to_numpy()[side["test"]], feats[side["val"]], y[side["val"]])
-            report[f"seed-{seed}"] = {"n_train": int(len(side["train"])), "n_val": int(len(side["val"])), "n_test": int(len(side["test"])),
-                                      "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
-                                      "train_only_classes": split.train_only, "n_parameters": meta["n_parameters"]}
+                                    len(classes), "parcel_id", test_ids, feats[side["val"]], y[side["val"]])
+            report[f"seed-{seed}"] = seed_report
+        outputs = {"models": "parcel_models", "model": f"parcel_models/seed-{tr.split_seeds[0]}", "baselines": "parcel_baselines"}
+        if auto:
+            doc = choice_document(list(results.values()), cands, tr.split_seeds, lambda s, m: f"parcel_models/seed-{s}/{m}",
+                                  list(cands), unit="parcels")
+            write_json(models_dir / "choice.json", doc)
+            report["choice"] = {"winner": doc["winner"], "reason": doc["reason"]}
+            outputs.update(model=f"parcel_models/seed-{tr.split_seeds[0]}/{doc['members'][0]}", choice="parcel_models/choice.json")
         ctx.report.update(report)
-        return {"models": "parcel_models", "model": f"parcel_models/seed-{tr.split_seeds[0]}", "baselines": "parcel_baselines"}
+        return outputs
+
+    def mapped_proba(ctx: StageContext, sub, means_sub) -> tuple[np.ndarray, list[dict], np.ndarray, str]:
+        """Probabilities of the parcels ``sub`` by the run's model (auto: the winner's split-seed models averaged,
+        classes aligned by label), its class table, the positions predicted, and the model's name for the map."""
+        if "choice" not in ctx.upstream["parcel_train"]:
+            proba, meta, keep = predict_parcels(ctx.upstream["parcel_train"]["model"], sub)
+            return proba, meta["classes"], keep, f"psetae-{opts.fusion}"
+        choice = json.loads(ctx.upstream["parcel_train"]["choice"].read_text())
+        parts = []
+        for rel in choice["ensemble"]:
+            name = Path(rel).name
+            parts.append(candidate_proba(name, ctx.run_dir / rel, sub, means_sub, device))
+        labels = sorted({c["label"] for _, classes in parts for c in classes}, key=lambda v: (str(type(v)), v))
+        names_of = {c["label"]: c["name"] for _, classes in parts for c in classes}
+        acc = np.zeros((len(sub), len(labels)), np.float64)
+        for proba, classes in parts:
+            acc[:, [labels.index(c["label"]) for c in classes]] += proba
+        acc /= len(parts)
+        keep = np.nonzero(acc.sum(1) > 0)[0]
+        classes = [{"index": i, "label": lab, "name": names_of[lab]} for i, lab in enumerate(labels)]
+        return acc[keep].astype(np.float32), classes, keep, f"{choice['winner']} (auto: mean of {len(parts)} split-seed models)"
 
     def parcel_predict(ctx: StageContext) -> dict[str, str]:
         import geopandas as gpd
@@ -192,8 +261,7 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
         geo_dir = ctx.upstream["parcel_tensors"]["geometry"]
         on_map = np.nonzero(samples.table["tile"].isin(mapped_ids).to_numpy())[0]
         sub = samples.subset(on_map)
-        proba, meta, keep = predict_parcels(ctx.upstream["parcel_train"]["model"], sub)
-        classes = meta["classes"]
+        proba, classes, keep, model_name = mapped_proba(ctx, sub, parcel_mean_samples(sub) if auto else None)
         t = sub.table.iloc[keep].reset_index(drop=True)
         codes = np.array([int(classes[k]["label"]) for k in proba.argmax(1)], np.uint8)
         out = pd.DataFrame({"parcel_id": t["parcel_id"].to_numpy(), "tile": t["tile"].to_numpy(), "class_code": codes,
@@ -215,7 +283,7 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
         windows = []
         with MapWriter(ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), crs=site.crs, transform=transform, width=width,
                        height=height, classes=[MapClass(c.code, c.name, c.color) for c in legend.classes],
-                       tags={"site": site.name, "year": str(year), "model": f"psetae-{opts.fusion}", "level": "parcel"}) as writer:
+                       tags={"site": site.name, "year": str(year), "model": model_name, "level": "parcel"}) as writer:
             for tid, _ in mapped:
                 with rasterio.open(geo_dir / f"{tid}_parcel.tif") as ds:
                     r, tile_transform = ds.read(1), ds.transform
@@ -242,21 +310,39 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
     def parcel_evaluate(ctx: StageContext) -> dict[str, str]:
         samples = load_parcel_store(ctx.upstream["parcel_tensors"]["samples"])
         models_dir, base_dir = ctx.upstream["parcel_train"]["models"], ctx.upstream["parcel_train"]["baselines"]
+        choice = json.loads(ctx.upstream["parcel_train"]["choice"].read_text()) if "choice" in ctx.upstream["parcel_train"] else None
+        scored = {c["name"]: CandidateResult(c["name"], validation=c["validation"], seconds=c["seconds"]) for c in (choice or {}).get("candidates", [])}
         runs = []
         for seed in tr.split_seeds:
-            mdir = models_dir / f"seed-{seed}"
+            seed_dir = models_dir / f"seed-{seed}"
+            mdir = seed_dir / choice["members"][0] if choice else seed_dir
             split, test, evaluated = held_out(samples, mdir, names)
             test_samples = samples.subset(test)
-            proba, meta, keep = predict_parcels(mdir, test_samples)
-            if len(keep) != len(test):  # a parcel the model cannot see counts as an error, never hidden
-                full = np.zeros((len(test), proba.shape[1]), np.float32)
-                full[keep] = proba
-                proba = full
-            model_m = metrics_for(test_samples, proba, meta["classes"], evaluated)
-            baselines = baseline_metrics(base_dir, seed, "parcel_id", test_samples, meta["classes"], evaluated, "parcels")
+            extra = {}
+            if choice is None:
+                proba, meta, keep = predict_parcels(mdir, test_samples)
+                if len(keep) != len(test):  # a parcel the model cannot see counts as an error, never hidden
+                    full = np.zeros((len(test), proba.shape[1]), np.float32)
+                    full[keep] = proba
+                    proba = full
+                classes, unseen = meta["classes"], int(len(test) - len(keep))
+                model_m = metrics_for(test_samples, proba, classes, evaluated)
+            else:  # every candidate on the same test parcels, after the choice
+                means = parcel_mean_samples(test_samples) if any(n not in ("psetae", BLEND) for n in scored) else None
+                probs = {n: candidate_proba(n, seed_dir / n, test_samples, means, device) for n in scored if n != BLEND}
+                classes = next(iter(probs.values()))[1]
+                if BLEND in scored:
+                    probs[BLEND] = (np.mean([p for p, _ in probs.values()], axis=0), classes)
+                per = {n: metrics_for(test_samples, p, classes, evaluated) for n, (p, _) in probs.items()}
+                for n, m in per.items():
+                    scored[n].test.append({"seed": seed, **{k: float(m[k]) for k in ("overall_accuracy", "macro_f1", "kappa")}})
+                model_m = per[choice["winner"]]
+                unseen = int((probs[choice["winner"]][0].sum(1) == 0).sum())
+                extra = {"candidates": {n: {k: m[k] for k in ("overall_accuracy", "macro_f1", "kappa")} for n, m in per.items()}}
+            baselines = baseline_metrics(base_dir, seed, "parcel_id", test_samples, classes, evaluated, "parcels")
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only, "split": split.protocol,
-                         "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": int(len(test) - len(keep)),
-                         "model": model_m, **baselines})
+                         "parcels_per_class": split.parcels_per_class, "test_parcels_without_dates": unseen,
+                         "model": model_m, **baselines, **extra})
         exp = "".join([f", {opts.s2_date_fraction:.0%} of the S2 dates" if opts.s2_date_fraction else "",
                        f", series up to {opts.until}" if opts.until else ""])
         protocol = PROTOCOL.format(split=runs[0].get("split", "parcel-disjoint"), class_rule=CLASS_SET_RULE, test=tr.test_fraction, seeds=tr.split_seeds, seed0=tr.split_seeds[0], model=opts.model,
@@ -267,14 +353,22 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
                 "options": {"fusion": opts.fusion, "sensors": opts.sensors, "alignment": opts.alignment,
                             "s2_date_fraction": opts.s2_date_fraction, "until": opts.until},
                 "pretraining": "none"}
+        if choice:
+            protocol += (f" Auto: the model is chosen among {', '.join(scored)} by {choice['criterion']}, read on the validation "
+                         "parcels only (series candidates are pixel models fitted on each parcel's mean series); every candidate is "
+                         f"then scored on the same test parcels; the map averages the winner's {len(choice['ensemble'])} split-seed models.")
+            head = {**head, "model": choice["winner"], "selection": "auto"}
         doc = metrics_document(runs, protocol=protocol, head=head,
                                baseline_model="random_forest (500 trees, depth 25, 30-day medians of parcel-mean series)")
+        if choice:
+            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note")}
+            doc["candidates"] = candidate_table(choice, list(scored.values()))
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa", "miou")},
                           baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
         return {"metrics": "metrics.json"}
 
-    pcfg = {"parcel": pc.model_dump(), "epochs": n_epochs}
+    pcfg = {"parcel": pc.model_dump(), "epochs": n_epochs, **({"series_training": tr.model_dump(exclude={"candidates"})} if auto else {})}
     return [
         Stage("parcel_tensors", parcel_tensors, after=["ingest", "labels"],
               inputs=[site.parcels.resolved()] if site.parcels is not None else [],

@@ -25,11 +25,13 @@ import cropmap
 from cropmap.models.parcel.batch import ALIGNMENTS, ParcelSets, channel_statistics, cut_until, prepare_inputs, subsample_dates
 from cropmap.models.parcel.fusion import build_parcel_model, check_config, model_inputs
 from cropmap.models.parcel.training import ParcelFitConfig, fit_parcels, predict_parcel_proba
+from cropmap.models.series import Series
 from cropmap.models.training import resolve_device
 from cropmap.pipeline.errors import CropmapError, ModelError, SamplesError
 from cropmap.pipeline.fsio import atomic_path
 from cropmap.pipeline.levels.common import class_table, encode_labels, metrics_for
 from cropmap.pipeline.levels.parcel.parcels import ParcelSamples
+from cropmap.pipeline.samples import PixelSamples, from_ragged
 from cropmap.pipeline.season import cut_date, parse_until
 
 MODEL_FORMAT = "cropmap.parcel-model/1"
@@ -230,3 +232,73 @@ def evaluate_parcel_model(model_dir: Path, samples: ParcelSamples, device: str |
     m["protocol"] = ("every parcel passed is evaluated, one prediction per parcel; deterministic (every stored pixel, "
                      "seeded date experiments)")
     return m
+
+
+def sensor_means(sets: ParcelSets) -> dict[str, Series]:
+    """Per sensor, the parcel-mean series: each date's band values averaged over the parcel's stored pixels (NaN ignored)."""
+    out = {}
+    for name in ("s2", "s1"):
+        if name not in sets.sensors:
+            continue
+        s = sets.sensors[name]
+        vals = np.asarray(s.values)
+        npx = np.repeat(sets.n_pixels, s.lengths)
+        slot = np.arange(vals.shape[2])[None, None, :] < npx[:, None, None]
+        seen = (slot & ~np.isnan(vals)).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nansum(np.where(slot, vals, 0), axis=2) / np.maximum(seen, 1)
+        mean[seen == 0] = np.nan
+        out[name] = Series(mean.astype(np.float32), np.asarray(s.days, np.float32), s.offsets)
+    return out
+
+
+def parcel_mean_samples(samples: ParcelSamples) -> PixelSamples:
+    """The parcels as pixel samples: one series per parcel (its mean over pixels per date, optical and radar
+    dates merged in day order, the other sensor's bands NaN), keyed ``sample_id`` = ``parcel_id``, with
+    the parcel table (label, centroid ``x``/``y``/``epsg``). Any pixel model fits them (``parcel.model: auto``)."""
+    means = sensor_means(samples.sets)
+    bands = [c for name in means for c in samples.sets.sensors[name].channels]
+    n = len(samples)
+    values, days, owner = [], [], []
+    col = 0
+    for name, s in means.items():
+        c = s.values.shape[1]
+        v = np.full((len(s.days), len(bands)), np.nan, np.float32)
+        v[:, col:col + c] = s.values
+        col += c
+        values.append(v)
+        days.append(np.asarray(s.days, np.float32))
+        owner.append(np.repeat(np.arange(n), s.lengths))
+    values, days, owner = np.concatenate(values), np.concatenate(days), np.concatenate(owner)
+    observed = ~np.isnan(values).all(axis=1)
+    values, days, owner = values[observed], days[observed], owner[observed]
+    order = np.lexsort((days, owner))
+    table = samples.table.copy()
+    table["sample_id"] = table["parcel_id"]
+    lengths = np.bincount(owner, minlength=n)
+    return from_ragged(bands, values[order], days[order], lengths, table, dict(samples.class_names))
+
+
+def candidate_proba(name: str, model_dir: Path, samples: ParcelSamples, means: PixelSamples, device: str | None = None,
+                    calibrate: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """(n parcels, classes) probabilities of a parcel candidate on every parcel of ``samples`` (``means``: the
+    same parcels as :func:`parcel_mean_samples`), and its class table. A parcel the candidate cannot see
+    (no date of a sensor it uses) gets a row of zeros: it counts as an error, never hidden. Series
+    candidates' probabilities are temperature-scaled as fitted on their validation parcels (``calibrate``)."""
+    from cropmap.models.calibration import scale
+    from cropmap.pipeline.levels.series_models import predict_samples
+
+    if name == "psetae":
+        proba, meta, keep = predict_parcels(model_dir, samples, device)
+        full = np.zeros((len(samples), proba.shape[1]), np.float32)
+        full[keep] = proba
+        return full, meta["classes"]
+    keep = np.nonzero(means.lengths > 0)[0]
+    proba, meta, aligned = predict_samples(model_dir, means.subset(keep), device)
+    t = float((meta.get("calibration") or {}).get("temperature", 1.0))
+    if calibrate and t != 1.0:
+        proba = scale(proba, t)
+    pos = {pid: i for i, pid in enumerate(samples.table["parcel_id"])}
+    full = np.zeros((len(samples), proba.shape[1]), np.float32)
+    full[[pos[p] for p in aligned.table["sample_id"]]] = proba
+    return full, meta["classes"]

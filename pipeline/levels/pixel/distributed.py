@@ -323,14 +323,15 @@ PREDICT_TILE_VERSION = "1"
 _PREDICTORS: dict[tuple, Any] = {}
 
 
-def _predictor(legend, model_dir: Path, device: str | None):
-    """The model of this worker process, loaded once per model directory."""
-    from cropmap.pipeline.levels.pixel.predict import TilePredictor
+def _predictor(legend, model_dir: Path | list[Path], device: str | None):
+    """The model (or averaging ensemble of models) of this worker process, loaded once per model directory set."""
+    from cropmap.pipeline.levels.pixel.predict import make_predictor
 
-    k = (str(model_dir), _stamp(Path(model_dir) / "model.safetensors")[2], device)
+    dirs = [Path(d) for d in (model_dir if isinstance(model_dir, (list, tuple)) else [model_dir])]
+    k = (tuple(str(d) for d in dirs), tuple(_stamp(d / "model.safetensors")[2] for d in dirs), device)
     if k not in _PREDICTORS:
         _PREDICTORS.clear()
-        _PREDICTORS[k] = TilePredictor(legend, Path(model_dir), device)
+        _PREDICTORS[k] = make_predictor(legend, dirs, device)
     return _PREDICTORS[k]
 
 
@@ -360,7 +361,7 @@ def predict_tile(tile: str, part: Path, site, legend, cube_path: Path, model_dir
             "counts": {int(c): int(n) for c, n in enumerate(counts) if n}}
 
 
-def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Path, map_path: Path, confidence_path: Path, *,
+def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Path | list[Path], map_path: Path, confidence_path: Path, *,
                              client: Any, tiles_dir: Path, device: str | None = None, tags: dict[str, str] | None = None,
                              rows_per_block: int | None = None, retries: int = 2, keep_parts: bool = False,
                              on_block: Callable[[int], None] | None = None) -> dict:
@@ -374,9 +375,15 @@ def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Pa
     from cropmap.pipeline.stages.maps import MapWriter
 
     rows = rows_per_block or ROWS_PER_BLOCK
-    model_dir = Path(model_dir)
-    tags = {**(tags or {}), **calibration_tags(json.loads((model_dir / "config.json").read_text()))}
-    model_key = sha256_path(model_dir / "model.safetensors") + sha256_path(model_dir / "config.json")
+    dirs = [Path(d) for d in (model_dir if isinstance(model_dir, (list, tuple)) else [model_dir])]
+    model_dir = dirs if len(dirs) > 1 else dirs[0]
+    metas = [json.loads((d / "config.json").read_text()) for d in dirs]
+    if len(dirs) > 1:
+        from cropmap.pipeline.levels.pixel.predict import ensemble_calibration
+
+        metas = [{**metas[0], "calibration": ensemble_calibration(metas)}]
+    tags = {**(tags or {}), **calibration_tags(metas[0])}
+    model_key = "".join(sha256_path(d / "model.safetensors") + sha256_path(d / "config.json") for d in dirs)
     jobs = [TileJob(Path(p).name.removesuffix(".zarr"), _key(PREDICT_TILE_VERSION, model_key, _stamp(p), site.model_dump(mode="json"),
                                                              rows, device),
                     (site, legend, Path(p), model_dir, device, rows)) for p in cube_paths]

@@ -11,39 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cropmap.models.training import predict_proba
-from cropmap.pipeline.errors import ModelError, SamplesError
+from cropmap.pipeline.errors import SamplesError
 from cropmap.pipeline.levels.common import encode_labels, metrics_for
-from cropmap.pipeline.levels.pixel.train import as_series, load_model_dir
-from cropmap.pipeline.samples import PixelSamples, from_ragged
-
-
-def align_bands(samples: PixelSamples, bands: list[str]) -> PixelSamples:
-    """The samples with their band columns in the model's order (error if any is missing)."""
-    if list(samples.bands) == list(bands):
-        return samples
-    missing = [b for b in bands if b not in samples.bands]
-    if missing:
-        raise ModelError(f"the samples lack band(s) {', '.join(missing)} that the model was trained on",
-                         fix=f"provide columns {', '.join(bands)}")
-    cols = [samples.bands.index(b) for b in bands]
-    values = np.asarray(samples.values)[:, cols]
-    observed = ~np.isnan(values).all(axis=1)
-    sample_of = np.repeat(np.arange(len(samples)), samples.lengths)
-    lengths = np.bincount(sample_of[observed], minlength=len(samples))
-    out = from_ragged(bands, values[observed], np.asarray(samples.days)[observed], lengths, samples.table, samples.class_names)
-    keep = np.nonzero(lengths > 0)[0]
-    return out if len(keep) == len(out) else out.subset(keep)
-
-
-def predict_samples(model_dir: Path, samples: PixelSamples, device: str | None = None, batch_size: int = 1024):
-    """(probabilities, model meta, band-aligned samples)."""
-    model, meta = load_model_dir(model_dir, device)
-    samples = align_bands(samples, meta["bands"])
-    norm = meta["normalisation"]
-    proba = predict_proba(model, as_series(samples), np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32),
-                          int(meta["max_len"]), batch_size, device)
-    return proba, meta, samples
+from cropmap.pipeline.levels.series_models import align_bands, predict_samples  # noqa: F401  (re-exported)
+from cropmap.pipeline.samples import PixelSamples
 
 
 def evaluate_model(model_dir: Path, samples: PixelSamples, device: str | None = None) -> dict:

@@ -12,11 +12,20 @@ decompresses chunk-aligned strips of rows (each zarr chunk once, memory bounded 
 (:func:`cropmap.models.inference.dense_views`), while the model runs on the previous block. The
 reference path (:meth:`TilePredictor.rows_reference`: :func:`cube_series` + ``predict_proba``, a
 Python loop per pixel) gives the same maps to float tolerance and is kept for the benchmark.
+
+Several models at once (:class:`EnsemblePredictor`, ``training.model: auto``): the map is drawn
+with the chosen candidate's models of *all* split seeds. Each model's class probabilities (after
+its own temperature, fitted on its own validation pixels) are averaged; the class is the arg-max
+of the mean and the confidence its top probability. A block's dense series is built once and
+normalised per member (each seed's model has its own band statistics). Members may know
+different classes (a class can be absent from one seed's training side): their columns are
+aligned by legend code, a class a member does not know counts as probability 0 for it.
+:func:`make_predictor` returns a plain :class:`TilePredictor` for one model directory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +271,77 @@ class TilePredictor:
         return cls.reshape(r1 - r0, width), conf.reshape(r1 - r0, width)
 
 
+class EnsemblePredictor(TilePredictor):
+    """Several :class:`TilePredictor` members behind the same interface (``blocks``, ``rows``, ``check_tile``)."""
+
+    def __init__(self, legend: Legend, model_dirs: Sequence[Path], device: str | None = None, **kwargs) -> None:
+        if not model_dirs:
+            raise ModelError("an ensemble needs at least one model directory", fix="train the models first")
+        self.members = [TilePredictor(legend, Path(d), device, **kwargs) for d in model_dirs]
+        first = self.members[0]
+        for m, d in zip(self.members[1:], model_dirs[1:]):
+            if m.meta["bands"] != first.meta["bands"] or m.s1_window != first.s1_window:
+                raise ModelError(f"model {d} reads other inputs (bands, S1 window) than {model_dirs[0]}",
+                                 fix="average only models trained on the same samples")
+        self.device, self.dev, self.view_batch, self.amp = first.device, first.dev, first.view_batch, first.amp
+        self.s1_window, self.max_len, self.batch_size = first.s1_window, first.max_len, first.batch_size
+        codes = sorted({int(c) for m in self.members for c in m.lut})
+        self.lut = np.array(codes, dtype=np.uint8)
+        self.columns = [np.searchsorted(self.lut, m.lut) for m in self.members]
+        self.meta = {**first.meta, "ensemble": [str(d) for d in model_dirs],
+                     "calibration": ensemble_calibration([m.meta for m in self.members])}
+        self.temperature = 1.0  # each member applies its own
+
+    def prepare(self, dn, clear, s1, d2, d1) -> tuple[list[Views], None]:
+        dense, days, observed = dense_block(dn, clear, s1, d2, d1, self.s1_window)
+        views = []
+        for i, m in enumerate(self.members):
+            # dense_views normalises in place only on its own gathered copy: ``dense`` stays raw for the next member
+            views.append(dense_views(dense, days, m.max_len, m.mean, m.std, observed))
+        return views, None
+
+    def proba(self, views: list[Views], npx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean calibrated probabilities (npx, classes) over the members, and the pixels that have any."""
+        acc = np.zeros((npx, len(self.lut)), np.float64)
+        has = np.bincount(views[0].owner, minlength=npx) > 0 if len(views[0]) else np.zeros(npx, bool)
+        for m, v, cols in zip(self.members, views, self.columns):
+            if not len(v):
+                continue
+            p = predict_views(m.fast_model, v, m.view_batch, m.dev, m.amp)
+            if m.temperature != 1.0:
+                p[has] = scale_temperature(p[has], m.temperature)
+            acc[:, cols] += p
+        acc /= len(self.members)
+        return acc.astype(np.float32), has
+
+    def classify(self, views: list[Views], host, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        npx = shape[0] * shape[1]
+        cls = np.zeros(npx, dtype=np.uint8)
+        conf = np.full(npx, np.nan, dtype=np.float32)
+        proba, has = self.proba(views, npx)
+        if has.any():
+            cls[has] = self.lut[proba[has].argmax(1)]
+            conf[has] = proba[has].max(1)
+        return cls.reshape(shape), conf.reshape(shape)
+
+
+def ensemble_calibration(metas: list[dict]) -> dict | None:
+    cals = [m.get("calibration") for m in metas]
+    if not any(cals):
+        return None
+    temps = [float(c["temperature"]) if c else 1.0 for c in cals]
+    return {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": temps,
+            "n": sum(int(c.get("n", 0)) for c in cals if c), "method": "each member's own temperature, then the mean of the members"}
+
+
+def make_predictor(legend: Legend, model_dirs: Path | Sequence[Path], device: str | None = None, **kwargs) -> TilePredictor:
+    """A predictor of one model directory, or the averaging ensemble of several."""
+    if isinstance(model_dirs, (str, Path)):
+        return TilePredictor(legend, Path(model_dirs), device, **kwargs)
+    dirs = [Path(d) for d in model_dirs]
+    return TilePredictor(legend, dirs[0], device, **kwargs) if len(dirs) == 1 else EnsemblePredictor(legend, dirs, device, **kwargs)
+
+
 def map_classes(legend: Legend) -> list[MapClass]:
     return [MapClass(c.code, c.name, c.color) for c in legend.classes]
 
@@ -282,14 +362,19 @@ def calibration_tags(meta: dict) -> dict[str, str]:
     cal = meta.get("calibration")
     if not cal:
         return {"cropmap_confidence_calibration": "none (raw top-class softmax probability)"}
+    if cal.get("members"):
+        return {"cropmap_confidence_calibration": "mean of {} models' probabilities, each temperature-scaled (T={}) on its own "
+                "validation pixels".format(len(cal["members"]), ", ".join(f"{t:.4f}" for t in cal["members"]))}
     return {"cropmap_confidence_calibration": f"temperature scaling, T={cal['temperature']:.4f}, fitted on {cal.get('n', '?')} validation pixels"}
 
 
-def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: Path, map_path: Path,
+def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: Path | list[Path], map_path: Path,
                  confidence_path: Path, *, rows_per_block: int = ROWS_PER_BLOCK, device: str | None = None,
                  tags: dict[str, str] | None = None, on_block: Callable[[int], None] | None = None) -> dict:
-    """Write the class and confidence COGs in this process; returns per-class pixel counts and the tile windows."""
-    predictor = TilePredictor(legend, model_dir, device)
+    """Write the class and confidence COGs in this process; returns per-class pixel counts and the tile windows.
+
+    ``model_dir``: one model directory, or several whose probabilities are averaged (:class:`EnsemblePredictor`)."""
+    predictor = make_predictor(legend, model_dir, device)
     tags = {**(tags or {}), **calibration_tags(predictor.meta)}
     transform, width, height = site_grid(site)
     counts = np.zeros(256, dtype=np.int64)

@@ -14,6 +14,7 @@ tensors -> [pretrain] -> train -> [transfer] -> predict -> evaluate, each a func
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 import pandas as pd
 import rasterio
 
+from cropmap.models.calibration import scale as scale_temperature
 from cropmap.models.calibration import summarize_calibration
 from cropmap.models.forest import binned_features
 from cropmap.models.metrics import CLASS_SET_RULE
+from cropmap.models.registry import fitted_without_gradients
 from cropmap.models.training import FitConfig
 from cropmap.pipeline.cube import open_cube
 from cropmap.pipeline.errors import StageError
@@ -37,6 +40,7 @@ from cropmap.pipeline.levels.common import (
     held_out,
     metrics_document,
     metrics_for,
+    write_baseline,
     write_boosting_baseline,
     write_forest_baseline,
 )
@@ -46,9 +50,10 @@ from cropmap.pipeline.levels.pixel.predict import predict_site
 from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
 from cropmap.pipeline.levels.pixel.tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from cropmap.pipeline.levels.pixel.train import as_series, train_model
+from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_scores
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.samples import load_store, save_store
-from cropmap.pipeline.sites import Legend
+from cropmap.pipeline.sites import Candidate, Legend
 from cropmap.pipeline.splits import ParcelSplit, split_for
 from cropmap.pipeline.stages.maps import write_preview
 from cropmap.pipeline.stages.stac import write_map_item
@@ -62,8 +67,7 @@ PROTOCOL = (
     "parcel is train-only and not evaluated. Training uses at most {cap} random pixels per parcel. Repeated "
     "over split seeds {seeds}; figures are mean and sample standard deviation over the seeds; "
     "{class_rule}. The random forest baseline is trained "
-    "on exactly the same pixels and evaluated on the same test pixels. The map is made with the "
-    "model of seed {seed0}."
+    "on exactly the same pixels and evaluated on the same test pixels. {mapping}"
 )
 
 
@@ -123,13 +127,18 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         p["class_name"] = p["label"].map(lambda c: samples.class_names.get(int(c), str(c)))
         return p
 
-    def split_indices(samples, split: ParcelSplit, seed: int) -> dict[str, np.ndarray]:
+    def split_indices(samples, split: ParcelSplit, seed: int, cap: int | None = None) -> dict[str, np.ndarray]:
+        """Train (at most ``cap``, default the site's ``max_pixels_per_parcel``, random pixels per parcel), val and test rows.
+
+        A smaller cap keeps the first pixels of the same random draw: a candidate with fewer
+        pixels per parcel trains on a subset of the others' pixels."""
         side = split.row_sides(samples.table)
         rng = np.random.default_rng(seed)
+        keep = min(cap or tr.max_pixels_per_parcel, tr.max_pixels_per_parcel)
         train = []
         for _, g in samples.table[side == "train"].groupby("parcel_id"):
             idx = g.index.to_numpy()
-            train.append(rng.choice(idx, size=min(tr.max_pixels_per_parcel, len(idx)), replace=False))
+            train.append(rng.choice(idx, size=min(tr.max_pixels_per_parcel, len(idx)), replace=False)[:keep])
         return {"train": np.sort(np.concatenate(train)), "val": np.nonzero(side == "val")[0], "test": np.nonzero(side == "test")[0]}
 
     pre = tr.pretrain
@@ -153,56 +162,103 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                           queue_size=p["queue_size"], best_val_infonce=p["best_val_infonce"], seconds=p["seconds"])
         return {"encoder": "pretrain/encoder", "unlabelled": "samples/unlabelled"}
 
-    def fit_config(seed: int) -> FitConfig:
-        return FitConfig(epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, max_len=tr.max_len, seed=seed,
+    def fit_config(seed: int, cand: Candidate | None = None) -> FitConfig:
+        c = cand or Candidate(model=tr.model if not tr.auto else "ltae")
+        return FitConfig(epochs=c.epochs or tr.epochs, batch_size=c.batch_size or tr.batch_size, lr=c.lr or tr.lr,
+                         max_len=c.max_len or tr.max_len, seed=seed,
                          device=device, class_weighting=tr.class_weighting, loss=tr.loss,
                          focal_gamma=tr.focal_gamma, patience=tr.patience, freeze_encoder=pretraining and pre.freeze_encoder,
                          augment=tr.augment())
+
+    candidates = tr.candidate_list()
+    trained_epochs = sum((c.epochs or tr.epochs) for c in candidates if c.model not in fitted_without_gradients())
 
     def train(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
         encoder = ctx.upstream["pretrain"]["encoder"] if pretraining else None
         parcels = parcels_of(samples)
         models_dir, base_dir = ctx.path("models"), ctx.path("baselines")
-        tick = ctx.progress("train", tr.epochs * len(tr.split_seeds)) if ctx.progress else None
-        report = {}
+        tick = ctx.progress("train", max(1, trained_epochs) * len(tr.split_seeds)) if ctx.progress else None
+        blending = tr.auto and tr.blend and len(candidates) > 1
+        report, results = {}, {c.model: CandidateResult(c.model) for c in candidates}
+        if blending:
+            results[BLEND] = CandidateResult(BLEND)
         for seed in tr.split_seeds:
             rows = samples.table[samples.table["parcel_id"].isin(parcels["parcel_id"])]
             split = split_for(rows, seed, tr.test_fraction, tr.val_fraction, tr.block_size_m if tr.split == "blocks" else None,
                               samples.class_names, parcels=parcels)
             idx = split_indices(samples, split, seed)
-            cfg = fit_config(seed)
-            init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
-            meta = train_model(samples, idx["train"], idx["val"], models_dir / f"seed-{seed}", model_name=tr.model,
-                               model_options=tr.model_options, fit_config=cfg, pretrained=init,
-                               extra_files={"split.json": split.to_dict()},
-                               extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
-                               on_epoch=(lambda row: tick(1)) if tick else None)
-            if tick:
-                tick(tr.epochs - meta["fit"]["epochs_run"])
-            # the random-forest baseline on exactly the same training pixels and test pixels
             classes = class_table(samples, idx["train"])
             y = encode_labels(samples, classes)
-            feats = {k: binned_features(as_series(samples.subset(idx[k]))) for k in ("train", "val", "test")}
             test_ids = samples.table["sample_id"].to_numpy()[idx["test"]]
-            write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"], len(classes),
-                                  "sample_id", test_ids)
-            # and gradient boosting on the same features (early stopping on the validation pixels)
-            write_boosting_baseline(base_dir / f"boosting-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"],
-                                    len(classes), "sample_id", test_ids, feats["val"], y[idx["val"]])
-            report[f"seed-{seed}"] = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
-                                      "best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"],
-                                      "train_only_classes": split.train_only}
+            seed_report = {"n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
+                           "train_only_classes": split.train_only}
+            val_proba = {}
+            for cand in candidates:
+                out = models_dir / f"seed-{seed}" / cand.model if tr.auto else models_dir / f"seed-{seed}"
+                train_idx = split_indices(samples, split, seed, cand.max_pixels_per_parcel)["train"] if cand.max_pixels_per_parcel else idx["train"]
+                init = transfer.init_for_seed(transfer_from, seed) if transfer_from is not None else encoder
+                meta = train_model(samples, train_idx, idx["val"], out, model_name=cand.model,
+                                   model_options=cand.model_options, fit_config=fit_config(seed, cand), pretrained=init,
+                                   extra_files={"split.json": split.to_dict()},
+                                   extra_meta={"inputs": {"s1_window_days": site.tensors.s1_window_days}},
+                                   on_epoch=(lambda row: tick(1)) if tick else None, early_stopping=not tr.auto)
+                gradient = cand.model not in fitted_without_gradients()
+                if tick and gradient:
+                    tick((cand.epochs or tr.epochs) - meta["fit"]["epochs_run"])
+                fit_row = {"best_epoch": meta["fit"]["best_epoch"], "seconds": meta["fit"]["seconds"], "n_train": int(len(train_idx))}
+                if not tr.auto:
+                    seed_report.update(fit_row)
+                    continue
+                seed_report[cand.model] = fit_row
+                res = results[cand.model]
+                res.seconds += float(meta["fit"]["seconds"])
+                if len(idx["val"]):  # the choice reads the validation pixels' labels, never the test pixels'
+                    proba_val, vmeta, aligned = predict_samples(out, samples.subset(idx["val"]), device)
+                    y_val = encode_labels(aligned, vmeta["classes"])
+                    res.validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), proba_val)})
+                    val_proba[cand.model] = calibrated(proba_val, vmeta)
+                if cand.model in ("forest", "boosting"):  # the candidate is the baseline: its test predictions, once
+                    proba_test, _, _ = predict_samples(out, samples.subset(idx["test"]), device)
+                    write_baseline(base_dir / f"{cand.model}-seed-{seed}.parquet", "sample_id", test_ids, proba_test)
+            if blending and len(val_proba) == len(candidates):
+                blend_val = np.mean(list(val_proba.values()), axis=0)
+                results[BLEND].validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), blend_val)})
+            # the random-forest and boosting baselines on exactly the same training pixels and test pixels
+            # (with auto they are candidates and were written above)
+            missing = [k for k in ("forest", "boosting") if not (tr.auto and any(c.model == k for c in candidates))]
+            if missing:
+                feats = {k: binned_features(as_series(samples.subset(idx[k]))) for k in ("train", "val", "test")}
+                if "forest" in missing:
+                    write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"],
+                                          len(classes), "sample_id", test_ids)
+                if "boosting" in missing:  # early stopping on the validation pixels
+                    write_boosting_baseline(base_dir / f"boosting-seed-{seed}.parquet", seed, feats["train"], y[idx["train"]], feats["test"],
+                                            len(classes), "sample_id", test_ids, feats["val"], y[idx["val"]])
+            report[f"seed-{seed}"] = seed_report
+        outputs = {"models": "models", "model": f"models/seed-{tr.split_seeds[0]}", "baselines": "baselines"}
+        if tr.auto:
+            doc = choice_document(list(results.values()), [c.model for c in candidates], tr.split_seeds,
+                                  lambda s, m: f"models/seed-{s}/{m}", [c.model_dump() for c in candidates])
+            winner, members = doc["winner"], doc["members"]
+            write_json(models_dir / "choice.json", doc)
+            report["choice"] = {"winner": winner, "reason": doc["reason"]}
+            outputs.update(model=f"models/seed-{tr.split_seeds[0]}/{members[0]}", choice="models/choice.json")
         ctx.report.update(report)
-        return {"models": "models", "model": f"models/seed-{tr.split_seeds[0]}", "baselines": "baselines"}
+        return outputs
 
     def predict(ctx: StageContext) -> dict[str, str]:
         cube_dir = ctx.upstream["ingest"]["cube"]
         model_dir = ctx.upstream["train"]["model"]
+        model_name = tr.model
+        if "choice" in ctx.upstream["train"]:  # auto: the winner's split-seed models, averaged
+            choice = json.loads(ctx.upstream["train"]["choice"].read_text())
+            model_dir = [ctx.run_dir / d for d in choice["ensemble"]]
+            model_name = f"{choice['winner']} (auto: mean of {len(model_dir)} split-seed models{': ' + ', '.join(choice['members']) if choice['winner'] == BLEND else ''})"
         tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
         map_args = (site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir, ctx.path("map/crops.tif"),
                     ctx.path("map/confidence.tif"))
-        map_kw = dict(device=device, tags={"site": site.name, "year": str(year), "model": tr.model}, on_block=tick)
+        map_kw = dict(device=device, tags={"site": site.name, "year": str(year), "model": model_name}, on_block=tick)
         if cluster is not None and cluster.distributed:
             from cropmap.pipeline.levels.pixel.distributed import cluster_client, predict_site_distributed
 
@@ -216,7 +272,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         write_preview(ctx.path("map/crops.tif"), ctx.path("map/preview.png"), title=f"{site.name} {year}: crop map",
                       windows=[(name, (w["col_off"], w["row_off"], w["width"], w["height"])) for name, w in windows])
         write_map_item(ctx.path("map/crops.tif"), ctx.path("map/confidence.tif"), ctx.path("map/preview.png"),
-                       item_id=f"{site.name}-{year}-crops", year=year, properties={"cropmap:site": site.name, "cropmap:model": tr.model})
+                       item_id=f"{site.name}-{year}-crops", year=year, properties={"cropmap:site": site.name, "cropmap:model": model_name})
         ctx.report.update(summary)
         return {"map": "map/crops.tif", "confidence": "map/confidence.tif", "preview": "map/preview.png",
                 "classes": "map/crops.tif.classes.json", "stac": "map/crops.stac.json"}
@@ -224,29 +280,53 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
     def evaluate(ctx: StageContext) -> dict[str, str]:
         samples = load_store(ctx.upstream["tensors"]["samples"], mmap=False)
         models_dir, base_dir = ctx.upstream["train"]["models"], ctx.upstream["train"]["baselines"]
+        choice = json.loads(ctx.upstream["train"]["choice"].read_text()) if "choice" in ctx.upstream["train"] else None
         runs, calibration = [], {}
+        scored = {c["name"]: CandidateResult(c["name"], validation=c["validation"], seconds=c["seconds"]) for c in (choice or {}).get("candidates", [])}
         for seed in tr.split_seeds:
-            mdir = models_dir / f"seed-{seed}"
+            seed_dir = models_dir / f"seed-{seed}"
+            mdir = seed_dir / choice["members"][0] if choice else seed_dir
             split, test, evaluated = held_out(samples, mdir, samples.class_names)
             side = split.row_sides(samples.table)
             test_samples = samples.subset(test)
-            proba, meta, aligned = predict_samples(mdir, test_samples, device)
-            model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
             val = np.nonzero(side == "val")[0]
-            cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            per_candidate = {}
+            if choice is None or choice["winner"] != BLEND:
+                proba, meta, aligned = predict_samples(mdir, test_samples, device)
+                model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+                cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if choice is not None:  # every candidate on the same test pixels, after the choice
+                base = [n for n in scored if n != BLEND]
+                test_p = {n: predict_samples(seed_dir / n, test_samples, device) for n in base}
+                aligned, classes = test_p[base[0]][2], test_p[base[0]][1]["classes"]
+                for n in base:
+                    per_candidate[n] = metrics_for(aligned, test_p[n][0], classes, evaluated)
+                if BLEND in scored:
+                    blend_cal = np.mean([calibrated(p, m) for p, m, _ in test_p.values()], axis=0)
+                    per_candidate[BLEND] = metrics_for(aligned, blend_cal, classes, evaluated)
+                    if choice["winner"] == BLEND:
+                        model_m, meta = per_candidate[BLEND], test_p[base[0]][1]
+                        cal = _blend_calibration(seed_dir, base, samples.subset(val) if len(val) else None, test_p, device)
+                for n, m in per_candidate.items():
+                    scored[n].test.append({"seed": seed, **{k: float(m[k]) for k in ("overall_accuracy", "macro_f1", "kappa")}})
+                per_candidate = {n: {k: m[k] for k in ("overall_accuracy", "macro_f1", "kappa")} for n, m in per_candidate.items()}
             if cal is not None:
                 calibration[f"seed-{seed}"] = cal
             baselines = baseline_metrics(base_dir, seed, "sample_id", test_samples, meta["classes"], evaluated, "pixels")
             runs.append({"seed": seed, "evaluated_classes": evaluated, "train_only_classes": split.train_only,
                          "parcels_per_class": split.parcels_per_class, "split": split.protocol, "blocks": split.blocks,
                          "pixels": {k: int((side == k).sum()) for k in ("train", "val", "test", "excluded")},
-                         "model": model_m, **baselines})
-        doc = _metrics_document(runs, tr, legend)
+                         "model": model_m, **baselines, **({"candidates": per_candidate} if choice else {})})
+        doc = _metrics_document(runs, tr, legend, choice)
+        if choice:
+            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note")}
+            doc["candidates"] = candidate_table(choice, list(scored.values()))
         if calibration:
             doc["calibration"] = summarize_calibration(calibration)
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa")},
-                          baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"])
+                          baseline_overall_accuracy=doc["baseline"]["overall_accuracy"], comparison=doc["comparison"],
+                          **({"winner": choice["winner"]} if choice else {}))
         return {"metrics": "metrics.json"}
 
     return [
@@ -286,11 +366,48 @@ def _tile_pixels(path: Path) -> int:
     return int(c.sizes["y"] * c.sizes["x"])
 
 
-def _metrics_document(runs: list[dict], tr, legend: Legend) -> dict:
+def calibrated(proba: np.ndarray, meta: dict) -> np.ndarray:
+    """A model's probabilities after its own temperature (fitted on its validation pixels), as the map uses them."""
+    t = float((meta.get("calibration") or {}).get("temperature", 1.0))
+    return scale_temperature(proba, t) if t != 1.0 else np.asarray(proba, np.float32)
+
+
+def _blend_calibration(seed_dir: Path, names: list[str], val_samples, test_p: dict, device: str) -> dict:
+    """ECE of the blend before (mean of the raw probabilities) and after (mean of the calibrated ones)."""
+    from cropmap.models.calibration import reliability
+
+    def part(preds: dict) -> dict:
+        aligned, classes = preds[names[0]][2], preds[names[0]][1]["classes"]
+        y = encode_labels(aligned, classes)
+        keep = y >= 0
+        raw = np.mean([p for p, _, _ in preds.values()], axis=0)[keep]
+        cal = np.mean([calibrated(p, m) for p, m, _ in preds.values()], axis=0)[keep]
+        return {"before": reliability(raw, y[keep]), "after": reliability(cal, y[keep])}
+
+    temps = [float((test_p[n][1].get("calibration") or {}).get("temperature", 1.0)) for n in names]
+    out = {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": dict(zip(names, temps)), "test": part(test_p)}
+    if val_samples is not None and len(val_samples):
+        out["validation"] = part({n: predict_samples(seed_dir / n, val_samples, device) for n in names})
+    return out
+
+
+def _metrics_document(runs: list[dict], tr, legend: Legend, choice: dict | None = None) -> dict:
     split = runs[0].get("split", "parcel-disjoint")
+    if choice:
+        mapping = (f"The model is chosen among the candidates ({', '.join(r['name'] for r in choice['candidates'])}) by "
+                   f"{choice['criterion']}, read on the validation pixels only (with auto the candidates train on fixed schedules: "
+                   "no early stopping on the validation pixels, which only fit each model's temperature); every candidate is then "
+                   "scored on the same test pixels. "
+                   f"The map averages the probabilities of the winner's models of all split seeds ({len(choice['ensemble'])} models; "
+                   "blend: every candidate's); "
+                   "the figures are those of each seed's model on its own test pixels (the ensemble has no held-out pixels of its own).")
+    else:
+        mapping = f"The map is made with the model of seed {tr.split_seeds[0]}."
     protocol = PROTOCOL.format(
-        split=split, class_rule=CLASS_SET_RULE, test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, seed0=tr.split_seeds[0],
+        split=split, class_rule=CLASS_SET_RULE, test=tr.test_fraction, cap=tr.max_pixels_per_parcel, seeds=tr.split_seeds, mapping=mapping,
         val=(f" (about {tr.val_fraction:.0%} of them held out for validation and early stopping where a class keeps three or more)"
              if tr.val_fraction > 0 else f" for a fixed {tr.epochs} epochs (no validation split)"))
-    return metrics_document(runs, protocol=protocol, head={"split": split, "model": tr.model, "pretraining": tr.pretrain.method},
+    model = choice["winner"] if choice else tr.model
+    return metrics_document(runs, protocol=protocol, head={"split": split, "model": model, **({"selection": "auto"} if choice else {}),
+                                                           "pretraining": tr.pretrain.method},
                             baseline_model="random_forest (500 trees, depth 25, 30-day median features)")

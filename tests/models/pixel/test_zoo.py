@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import seasonal_series as synthetic
 
-from cropmap.models.registry import build_model, model_from_config, model_names
+from cropmap.models.registry import build_model, fitted_without_gradients, model_from_config, model_names
 from cropmap.models.series import band_statistics
 from cropmap.models.training import FitConfig, fit, predict_proba
 
@@ -18,7 +18,7 @@ RADAR = slice(6, 8)
 MEAN = [0.05, 0.08, 0.07, 0.30, 0.20, 0.12, -12.0, -18.0]
 STD = [0.03, 0.03, 0.04, 0.10, 0.06, 0.05, 3.0, 3.0]
 
-NAMES = [n for n in model_names("pixel") if n != "presto-embed"]  # its head is fitted without gradients: tests/models/pixel/test_presto.py
+NAMES = [n for n in model_names("pixel") if n not in fitted_without_gradients()]  # tests/models/pixel/test_{presto,trees}.py
 ZOO = [n for n in NAMES if n != "stnet"]
 ORDER_FREE = ["stnet", "transformer", "ltae"]  # set models: dates have no order but their day
 
