@@ -157,7 +157,7 @@ def train_model(samples: PixelSamples, train_idx: np.ndarray, val_idx: np.ndarra
     finally:
         if tlog is not None:
             tlog.close()
-    calibration = _calibrate(model, sub(val_idx), y[val_idx], mean, std, cfg) if len(val_idx) else None
+    calibration = _calibrate(model, sub(val_idx), y[val_idx], mean, std, cfg, parcels_of_rows(samples, val_idx)) if len(val_idx) else None
     meta = {
         "model": model_name,
         "model_config": model_config,
@@ -221,8 +221,8 @@ def _fit_head(model: PrestoClassifier | TreeClassifier, samples: PixelSamples, t
         info, max_len = fit_embed_head(*args, seed=cfg.seed), EMBED_MAX_OBS
         method = "frozen Presto embeddings + LightGBM head" + (" (early stopping on validation)" if stop else " (fixed rounds)")
     seconds = time.perf_counter() - t0
-    calibration = (_calibrate(model, sub(val_idx), y[val_idx], mean, std, replace(cfg, max_len=max_len, batch_size=max(cfg.batch_size, 256)))
-                   if has_val else None)
+    calibration = (_calibrate(model, sub(val_idx), y[val_idx], mean, std, replace(cfg, max_len=max_len, batch_size=max(cfg.batch_size, 256)),
+                              parcels_of_rows(samples, val_idx)) if has_val else None)
     meta = {
         "model": model_name,
         "model_config": model.config.to_dict(),
@@ -247,15 +247,24 @@ def _fit_head(model: PrestoClassifier | TreeClassifier, samples: PixelSamples, t
     return meta
 
 
-def _calibrate(model, val: Series, y_val: np.ndarray, mean: np.ndarray, std: np.ndarray, cfg: FitConfig) -> dict | None:
-    """Temperature scaling fitted on the validation samples (:mod:`cropmap.models.calibration`), with
-    the validation ECE before and after; ``None`` when no validation sample has a training class."""
+def parcels_of_rows(samples: PixelSamples, idx: np.ndarray) -> np.ndarray | None:
+    """The parcel id of each sample ``idx`` (``None`` when the samples have no ``parcel_id``)."""
+    t = samples.table
+    return t["parcel_id"].to_numpy()[idx] if "parcel_id" in t.columns else None
+
+
+def _calibrate(model, val: Series, y_val: np.ndarray, mean: np.ndarray, std: np.ndarray, cfg: FitConfig,
+               groups: np.ndarray | None = None) -> dict | None:
+    """Temperature scaling fitted on the validation samples (:func:`cropmap.models.calibration.fit_temperature`:
+    every validation parcel ``groups`` weighted alike, a prior on log T whose width is chosen by
+    leave-one-parcel-out cross-validation), with the validation ECE before and after; ``None`` when
+    no validation sample has a training class."""
     from cropmap.models.calibration import before_after, fit_temperature
 
     if not (y_val >= 0).any():
         return None
     proba = predict_proba(model, val, mean, std, cfg.max_len, cfg.batch_size * 4, cfg.device, amp=cfg.amp)
-    fitted = fit_temperature(proba, y_val)
+    fitted = fit_temperature(proba, y_val, groups)
     rel = before_after(proba[y_val >= 0], y_val[y_val >= 0], fitted["temperature"])
     return {**fitted, "validation_ece": {"before": rel["before"]["ece"], "after": rel["after"]["ece"]}}
 
