@@ -41,8 +41,8 @@ def _rank_main(rank: int, world: int, port: int, out: str, what: str) -> None:
     from cropmap.models import ddp
     from cropmap.models.pretrain.moco import MoCoConfig
     from cropmap.models.training import FitConfig
-    from cropmap.pipeline.levels.pixel import pretrain as pretrain_mod
     from cropmap.pipeline.levels import series_models as train_mod
+    from cropmap.pipeline.levels.pixel import pretrain as pretrain_mod
 
     ctx = ddp.init_from_env("cpu")
     out = Path(out)

@@ -274,7 +274,11 @@ class TilePredictor:
 class EnsemblePredictor(TilePredictor):
     """Several :class:`TilePredictor` members behind the same interface (``blocks``, ``rows``, ``check_tile``)."""
 
-    def __init__(self, legend: Legend, model_dirs: Sequence[Path], device: str | None = None, **kwargs) -> None:
+    def __init__(self, legend: Legend, model_dirs: Sequence[Path], device: str | None = None, *,
+                 groups: Sequence[Sequence[int]] | None = None, group_temperatures: Sequence[float] | None = None, **kwargs) -> None:
+        """``groups`` (lists of member indices) with ``group_temperatures``: each group's raw probabilities are
+        averaged and scaled by the group's temperature (a blend calibrated as a whole), then the groups are
+        averaged; without them every member is its own group, scaled by its own temperature."""
         if not model_dirs:
             raise ModelError("an ensemble needs at least one model directory", fix="train the models first")
         self.members = [TilePredictor(legend, Path(d), device, **kwargs) for d in model_dirs]
@@ -288,8 +292,17 @@ class EnsemblePredictor(TilePredictor):
         codes = sorted({int(c) for m in self.members for c in m.lut})
         self.lut = np.array(codes, dtype=np.uint8)
         self.columns = [np.searchsorted(self.lut, m.lut) for m in self.members]
+        if groups is None:
+            self.groups = [[i] for i in range(len(self.members))]
+            self.group_temperatures = [m.temperature for m in self.members]
+        else:
+            self.groups, self.group_temperatures = [list(g) for g in groups], [float(x) for x in group_temperatures]
+            if len(self.groups) != len(self.group_temperatures) or sorted(i for g in self.groups for i in g) != list(range(len(self.members))):
+                raise ModelError("ensemble groups must cover every member once, with one temperature each", fix="rerun the train stage")
         self.meta = {**first.meta, "ensemble": [str(d) for d in model_dirs],
-                     "calibration": ensemble_calibration([m.meta for m in self.members])}
+                     "calibration": ensemble_calibration([m.meta for m in self.members]) if groups is None else
+                     {"temperature": float(np.exp(np.mean(np.log(self.group_temperatures)))), "members": self.group_temperatures,
+                      "n": 0, "method": "each blend's raw mean scaled by its own temperature, then the mean of the blends"}}
         self.temperature = 1.0  # each member applies its own
 
     def prepare(self, dn, clear, s1, d2, d1) -> tuple[list[Views], None]:
@@ -304,14 +317,17 @@ class EnsemblePredictor(TilePredictor):
         """Mean calibrated probabilities (npx, classes) over the members, and the pixels that have any."""
         acc = np.zeros((npx, len(self.lut)), np.float64)
         has = np.bincount(views[0].owner, minlength=npx) > 0 if len(views[0]) else np.zeros(npx, bool)
-        for m, v, cols in zip(self.members, views, self.columns):
-            if not len(v):
-                continue
-            p = predict_views(m.fast_model, v, m.view_batch, m.dev, m.amp)
-            if m.temperature != 1.0:
-                p[has] = scale_temperature(p[has], m.temperature)
-            acc[:, cols] += p
-        acc /= len(self.members)
+        for group, temp in zip(self.groups, self.group_temperatures):
+            g = np.zeros_like(acc)
+            for i in group:
+                m, v, cols = self.members[i], views[i], self.columns[i]
+                if len(v):
+                    g[:, cols] += predict_views(m.fast_model, v, m.view_batch, m.dev, m.amp)
+            g /= len(group)
+            if temp != 1.0 and has.any():
+                g[has] = scale_temperature(g[has], temp)
+            acc += g
+        acc /= len(self.groups)
         return acc.astype(np.float32), has
 
     def classify(self, views: list[Views], host, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -339,7 +355,10 @@ def make_predictor(legend: Legend, model_dirs: Path | Sequence[Path], device: st
     if isinstance(model_dirs, (str, Path)):
         return TilePredictor(legend, Path(model_dirs), device, **kwargs)
     dirs = [Path(d) for d in model_dirs]
-    return TilePredictor(legend, dirs[0], device, **kwargs) if len(dirs) == 1 else EnsemblePredictor(legend, dirs, device, **kwargs)
+    if len(dirs) == 1 and not kwargs.get("groups"):
+        kwargs.pop("groups", None), kwargs.pop("group_temperatures", None)
+        return TilePredictor(legend, dirs[0], device, **kwargs)
+    return EnsemblePredictor(legend, dirs, device, **kwargs)
 
 
 def map_classes(legend: Legend) -> list[MapClass]:
@@ -362,6 +381,10 @@ def calibration_tags(meta: dict) -> dict[str, str]:
     cal = meta.get("calibration")
     if not cal:
         return {"cropmap_confidence_calibration": "none (raw top-class softmax probability)"}
+    if cal.get("members") and str(cal.get("method", "")).startswith("each blend"):
+        return {"cropmap_confidence_calibration": "per split seed, the mean of the candidates' probabilities scaled by the blend's own "
+                "temperature (T={}, fitted on that seed's validation pixels), then the mean of the seeds".format(
+                    ", ".join(f"{t:.4f}" for t in cal["members"]))}
     if cal.get("members"):
         return {"cropmap_confidence_calibration": "mean of {} models' probabilities, each temperature-scaled (T={}) on its own "
                 "validation pixels".format(len(cal["members"]), ", ".join(f"{t:.4f}" for t in cal["members"]))}
@@ -370,11 +393,12 @@ def calibration_tags(meta: dict) -> dict[str, str]:
 
 def predict_site(site: Site, legend: Legend, cube_paths: list[Path], model_dir: Path | list[Path], map_path: Path,
                  confidence_path: Path, *, rows_per_block: int = ROWS_PER_BLOCK, device: str | None = None,
-                 tags: dict[str, str] | None = None, on_block: Callable[[int], None] | None = None) -> dict:
+                 tags: dict[str, str] | None = None, on_block: Callable[[int], None] | None = None,
+                 groups: list[list[int]] | None = None, group_temperatures: list[float] | None = None) -> dict:
     """Write the class and confidence COGs in this process; returns per-class pixel counts and the tile windows.
 
     ``model_dir``: one model directory, or several whose probabilities are averaged (:class:`EnsemblePredictor`)."""
-    predictor = make_predictor(legend, model_dir, device)
+    predictor = make_predictor(legend, model_dir, device, **({"groups": groups, "group_temperatures": group_temperatures} if groups else {}))
     tags = {**(tags or {}), **calibration_tags(predictor.meta)}
     transform, width, height = site_grid(site)
     counts = np.zeros(256, dtype=np.int64)

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from cropmap.models.calibration import scale as scale_temperature
-from cropmap.models.calibration import summarize_calibration
+from cropmap.models.calibration import fit_temperature, summarize_calibration
 from cropmap.models.forest import binned_features
 from cropmap.models.metrics import CLASS_SET_RULE
 from cropmap.models.registry import fitted_without_gradients
@@ -181,6 +180,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         tick = ctx.progress("train", max(1, trained_epochs) * len(tr.split_seeds)) if ctx.progress else None
         blending = tr.auto and tr.blend and len(candidates) > 1
         report, results = {}, {c.model: CandidateResult(c.model) for c in candidates}
+        blend_t: dict[str, dict] = {}
         if blending:
             results[BLEND] = CandidateResult(BLEND)
         for seed in tr.split_seeds:
@@ -217,13 +217,16 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                     proba_val, vmeta, aligned = predict_samples(out, samples.subset(idx["val"]), device)
                     y_val = encode_labels(aligned, vmeta["classes"])
                     res.validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), proba_val)})
-                    val_proba[cand.model] = calibrated(proba_val, vmeta)
+                    val_proba[cand.model] = proba_val  # raw: the blend is calibrated as a whole
                 if cand.model in ("forest", "boosting"):  # the candidate is the baseline: its test predictions, once
                     proba_test, _, _ = predict_samples(out, samples.subset(idx["test"]), device)
                     write_baseline(base_dir / f"{cand.model}-seed-{seed}.parquet", "sample_id", test_ids, proba_test)
             if blending and len(val_proba) == len(candidates):
+                # the mean of the members' raw probabilities; its own temperature (which cannot change its
+                # arg-max, so not the choice) is fitted on the same validation pixels, every parcel weighted alike
                 blend_val = np.mean(list(val_proba.values()), axis=0)
                 results[BLEND].validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), blend_val)})
+                blend_t[str(seed)] = fit_temperature(blend_val, y_val, aligned.table["parcel_id"].to_numpy())
             # the random-forest and boosting baselines on exactly the same training pixels and test pixels
             # (with auto they are candidates and were written above)
             missing = [k for k in ("forest", "boosting") if not (tr.auto and any(c.model == k for c in candidates))]
@@ -241,6 +244,8 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             doc = choice_document(list(results.values()), [c.model for c in candidates], tr.split_seeds,
                                   lambda s, m: f"models/seed-{s}/{m}", [c.model_dump() for c in candidates])
             winner, members = doc["winner"], doc["members"]
+            if blend_t:
+                doc["blend_calibration"] = blend_t
             write_json(models_dir / "choice.json", doc)
             report["choice"] = {"winner": winner, "reason": doc["reason"]}
             outputs.update(model=f"models/seed-{tr.split_seeds[0]}/{members[0]}", choice="models/choice.json")
@@ -251,9 +256,14 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
         cube_dir = ctx.upstream["ingest"]["cube"]
         model_dir = ctx.upstream["train"]["model"]
         model_name = tr.model
+        map_kw_extra: dict = {}
         if "choice" in ctx.upstream["train"]:  # auto: the winner's split-seed models, averaged
             choice = json.loads(ctx.upstream["train"]["choice"].read_text())
             model_dir = [ctx.run_dir / d for d in choice["ensemble"]]
+            if choice["winner"] == BLEND:  # per split seed: the raw mean of its members, scaled by the blend's own temperature
+                k = len(choice["members"])
+                map_kw_extra = {"groups": [list(range(i, i + k)) for i in range(0, len(model_dir), k)],
+                                "group_temperatures": [choice["blend_calibration"][str(s)]["temperature"] for s in tr.split_seeds]}
             model_name = f"{choice['winner']} (auto: mean of {len(model_dir)} split-seed models{': ' + ', '.join(choice['members']) if choice['winner'] == BLEND else ''})"
         tick = ctx.progress("predict pixels", sum(_tile_pixels(cube_dir / f"{t}.zarr") for t, _ in mapped)) if ctx.progress else None
         map_args = (site, legend, [cube_dir / f"{t}.zarr" for t, _ in mapped], model_dir, ctx.path("map/crops.tif"),
@@ -267,7 +277,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                                                    **map_kw)
             summary["cluster"] = cluster.describe()
         else:
-            summary = predict_site(*map_args, **map_kw)
+            summary = predict_site(*map_args, **map_kw, **map_kw_extra)
         windows = [(t["tile"], t) for t in summary["tiles"]]
         write_preview(ctx.path("map/crops.tif"), ctx.path("map/preview.png"), title=f"{site.name} {year}: crop map",
                       windows=[(name, (w["col_off"], w["row_off"], w["width"], w["height"])) for name, w in windows])
@@ -302,11 +312,12 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                 for n in base:
                     per_candidate[n] = metrics_for(aligned, test_p[n][0], classes, evaluated)
                 if BLEND in scored:
-                    blend_cal = np.mean([calibrated(p, m) for p, m, _ in test_p.values()], axis=0)
-                    per_candidate[BLEND] = metrics_for(aligned, blend_cal, classes, evaluated)
+                    blend_raw = np.mean([p for p, _, _ in test_p.values()], axis=0)
+                    per_candidate[BLEND] = metrics_for(aligned, blend_raw, classes, evaluated)
                     if choice["winner"] == BLEND:
                         model_m, meta = per_candidate[BLEND], test_p[base[0]][1]
-                        cal = _blend_calibration(seed_dir, base, samples.subset(val) if len(val) else None, test_p, device)
+                        cal = _blend_calibration(seed_dir, base, samples.subset(val) if len(val) else None, test_p, device,
+                                                 choice["blend_calibration"][str(seed)]["temperature"])
                 for n, m in per_candidate.items():
                     scored[n].test.append({"seed": seed, **{k: float(m[k]) for k in ("overall_accuracy", "macro_f1", "kappa")}})
                 per_candidate = {n: {k: m[k] for k in ("overall_accuracy", "macro_f1", "kappa")} for n, m in per_candidate.items()}
@@ -366,29 +377,19 @@ def _tile_pixels(path: Path) -> int:
     return int(c.sizes["y"] * c.sizes["x"])
 
 
-def calibrated(proba: np.ndarray, meta: dict) -> np.ndarray:
-    """A model's probabilities after its own temperature (fitted on its validation pixels), as the map uses them."""
-    t = float((meta.get("calibration") or {}).get("temperature", 1.0))
-    return scale_temperature(proba, t) if t != 1.0 else np.asarray(proba, np.float32)
+def _blend_calibration(seed_dir: Path, names: list[str], val_samples, test_p: dict, device: str, temperature: float) -> dict:
+    """ECE of the blend (the mean of its members' raw probabilities) before and after its own temperature."""
+    from cropmap.models.calibration import seed_calibration
 
-
-def _blend_calibration(seed_dir: Path, names: list[str], val_samples, test_p: dict, device: str) -> dict:
-    """ECE of the blend before (mean of the raw probabilities) and after (mean of the calibrated ones)."""
-    from cropmap.models.calibration import reliability
-
-    def part(preds: dict) -> dict:
+    def mean_and_labels(preds: dict) -> tuple[np.ndarray, np.ndarray]:
         aligned, classes = preds[names[0]][2], preds[names[0]][1]["classes"]
-        y = encode_labels(aligned, classes)
-        keep = y >= 0
-        raw = np.mean([p for p, _, _ in preds.values()], axis=0)[keep]
-        cal = np.mean([calibrated(p, m) for p, m, _ in preds.values()], axis=0)[keep]
-        return {"before": reliability(raw, y[keep]), "after": reliability(cal, y[keep])}
+        return np.mean([p for p, _, _ in preds.values()], axis=0), encode_labels(aligned, classes)
 
-    temps = [float((test_p[n][1].get("calibration") or {}).get("temperature", 1.0)) for n in names]
-    out = {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": dict(zip(names, temps)), "test": part(test_p)}
+    pt, yt = mean_and_labels(test_p)
+    pv = yv = None
     if val_samples is not None and len(val_samples):
-        out["validation"] = part({n: predict_samples(seed_dir / n, val_samples, device) for n in names})
-    return out
+        pv, yv = mean_and_labels({n: predict_samples(seed_dir / n, val_samples, device) for n in names})
+    return seed_calibration(temperature, pv, yv, pt, yt)
 
 
 def _metrics_document(runs: list[dict], tr, legend: Legend, choice: dict | None = None) -> dict:

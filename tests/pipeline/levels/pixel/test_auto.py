@@ -116,9 +116,10 @@ def test_auto_with_pretraining_or_transfer_is_refused_with_one_line(sites_dir):
         load_site("demo-auto-bad")
 
 
-def test_the_blend_is_the_mean_of_the_candidates_calibrated_probabilities(auto_site, tmp_path):
-    """Its validation figures are those of the mean of the members' calibrated validation probabilities."""
-    from cropmap.models.calibration import scale
+def test_the_blend_is_the_mean_of_the_candidates_probabilities_with_its_own_temperature(auto_site, tmp_path):
+    """Its validation figures are those of the mean of the members' raw validation probabilities, and its
+    temperature is fitted on that mean (every validation parcel weighted alike)."""
+    from cropmap.models.calibration import fit_temperature
     from cropmap.pipeline.levels.common import encode_labels
     from cropmap.pipeline.levels.pixel.evaluate import predict_samples
     from cropmap.pipeline.levels.selection import validation_scores
@@ -137,10 +138,12 @@ def test_the_blend_is_the_mean_of_the_candidates_calibrated_probabilities(auto_s
         probs = []
         for name in ("ltae", "forest", "boosting"):
             p, meta, aligned = predict_samples(seed_dir / name, val)
-            probs.append(scale(p, (meta.get("calibration") or {}).get("temperature", 1.0)))
+            probs.append(p)
         y = encode_labels(aligned, meta["classes"])
         want = validation_scores(y, np.arange(len(y)), np.mean(probs, axis=0))
         assert row["macro_f1"] == pytest.approx(want["macro_f1"]) and row["overall_accuracy"] == pytest.approx(want["overall_accuracy"])
+        t = fit_temperature(np.mean(probs, axis=0), y, aligned.table["parcel_id"].to_numpy())["temperature"]
+        assert choice["blend_calibration"][str(row["seed"])]["temperature"] == pytest.approx(t)
 
 
 def test_parcel_level_auto_ranks_psetae_and_series_candidates_on_validation(sites_dir, tmp_path):
