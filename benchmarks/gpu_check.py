@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cropmap.models.inference import dense_views, mha_fastpath, predict_views  # noqa: E402
-from cropmap.models.registry import build_model, model_names  # noqa: E402
+from cropmap.models.registry import build_model, fitted_without_gradients, model_names  # noqa: E402
 
 BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12", "VV", "VH"]
 SIZES = {  # full: one GPU in < 5 min; small: this CPU in < 5 min; tiny: the test
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     sz = SIZES[a.size or ("full" if device == "cuda" else "small")]
     if a.threads:
         torch.set_num_threads(a.threads)
-    names = a.models or model_names("pixel")
+    names = a.models or [n for n in model_names("pixel") if n not in fitted_without_gradients()]  # networks only
     unknown = sorted(set(names) - set(model_names("pixel")))
     if unknown:
         raise SystemExit(f"error: unknown model(s) {unknown}; choose from {model_names('pixel')}")

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cropmap.models.registry import build_model, model_names
+from cropmap.models.registry import build_model, fitted_without_gradients, model_names
 
 BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12", "VV", "VH"]
 
@@ -103,7 +103,7 @@ def measure(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=model_names("pixel"))
+    ap.add_argument("--models", nargs="+", default=[n for n in model_names("pixel") if n not in fitted_without_gradients()])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--length", type=int, default=48)
     ap.add_argument("--bands", type=int, default=12)

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import matmul_gflops  # noqa: E402
 
 from cropmap.models.checkpoint import save_model  # noqa: E402
-from cropmap.models.registry import build_model, model_names  # noqa: E402
+from cropmap.models.registry import build_model, fitted_without_gradients, model_names  # noqa: E402
 from cropmap.models.series import Series, interleaved_views, pad_batch  # noqa: E402
 from cropmap.pipeline.cube import open_cube  # noqa: E402
 from cropmap.pipeline.levels.pixel.predict import ROWS_PER_BLOCK, TilePredictor, _strip_rows, strip_reader  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-seconds", type=float, default=3.0)
-    ap.add_argument("--models", nargs="+", default=model_names("pixel"))
+    ap.add_argument("--models", nargs="+", default=[n for n in model_names("pixel") if n not in fitted_without_gradients()])
     ap.add_argument("--merge-px", type=int, default=2048, help="Side of the map the merge is measured on.")
     ap.add_argument("--work", type=Path, default=None, help="Where the generated tile goes (default: a temporary folder).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here (input of iowa_projection.py).")
