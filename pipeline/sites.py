@@ -339,6 +339,10 @@ class PatchTraining(_Strict):
     """``void``: label 0 is ignored in the loss and metrics; ``class``: it is a background class."""
     label_patches: int | None = Field(default=None, ge=1)
     """Label budget: train on this many labelled training patches (seeded draw); None: all."""
+    val_fraction: float | None = Field(default=None, ge=0, lt=1)
+    """Share of the non-test blocks held out as validation (best epoch by validation OA); None: ``training.val_fraction``.
+    0: a fixed schedule on every non-test block (small sites, where a few validation blocks cost a large share of the
+    training patches)."""
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=4, ge=1)
     lr: float = Field(default=1e-3, gt=0)
@@ -348,6 +352,10 @@ class PatchTraining(_Strict):
     overlap: int = Field(default=16, ge=0)
     """Prediction: overlap of neighbouring windows (each keeps its core, see pipeline/levels/patch/predict.py)."""
     pretrain: PatchPretrain = Field(default_factory=PatchPretrain)
+
+    def split_val_fraction(self, training: Training) -> float:
+        """The validation share the patch split uses: this section's, else the training section's."""
+        return training.val_fraction if self.val_fraction is None else self.val_fraction
 
     @model_validator(mode="after")
     def _check(self) -> PatchTraining:

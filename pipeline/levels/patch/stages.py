@@ -71,6 +71,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
     site, year, legend, mapped, trained, device, epochs, common = (
         run.site, run.year, run.legend, run.mapped, run.trained, run.device, run.epochs, run.common)
     tr, pc = site.training, site.patch
+    val_fraction = pc.split_val_fraction(tr)
     pre = pc.pretrain
     pretraining = pre.method != "none"
     n_epochs = epochs if epochs is not None else pc.epochs
@@ -108,7 +109,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
         return {"encoder": "pretrain/patch_encoder"}
 
     def split_for(ps, seed: int) -> tuple[PatchSplit, list[int]]:
-        split = patch_split(ps.table, seed, tr.test_fraction, tr.val_fraction)
+        split = patch_split(ps.table, seed, tr.test_fraction, val_fraction)
         return split, budget_patches(ps.labels, split.train, pc.label_patches, seed)
 
     def patch_train(ctx: StageContext) -> dict[str, str]:
@@ -192,7 +193,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
         policy = ("label 0 and unobserved pixels are void (ignored in loss and metrics), so both mIoUs are equal;"
                   if pc.background == "void" else "label 0 on observed pixels is a trained and evaluated background class;")
         protocol = PROTOCOL.format(size=pc.patch_size, block=pc.block, test=tr.test_fraction,
-                                        val=f", about {tr.val_fraction:.0%} for validation (best validation OA)" if tr.val_fraction > 0 else
+                                        val=f", about {val_fraction:.0%} for validation (best validation OA)" if val_fraction > 0 else
                                         f" (no validation: a fixed {n_epochs} epochs)",
                                         budget=f", of which {pc.label_patches} labelled patches are used (label budget)" if pc.label_patches else "",
                                         background=pc.background, policy=policy, model=pc.model,
@@ -214,7 +215,7 @@ def patch_stages(run: RunInputs) -> list[Stage]:
         *([Stage("patch_pretrain", patch_pretrain, after=["patch_tensors"], inputs=pre.resolved_cubes(),
                  config={"pretrain": pre.model_dump(), "model": pc.model, "model_options": pc.model_options})] if pretraining else []),
         Stage("patch_train", patch_train, after=["patch_tensors", *(["patch_pretrain"] if pretraining else [])],
-              config={**pcfg, "seeds": tr.split_seeds, "test_fraction": tr.test_fraction, "val_fraction": tr.val_fraction}),
+              config={**pcfg, "seeds": tr.split_seeds, "test_fraction": tr.test_fraction, "val_fraction": val_fraction}),
         Stage("patch_predict", patch_predict, after=["ingest", "patch_train"],
               config={**common, "tiles": mapped, "extent": list(site.extent), "crs": site.crs, "legend": legend.model_dump()}),
         Stage("patch_evaluate", patch_evaluate, after=["patch_tensors", "patch_train"], config={"seeds": tr.split_seeds}),

@@ -273,3 +273,22 @@ def test_training_level_is_another_spelling_of_level(sites_dir):
     write_site(sites_dir, doc)
     with pytest.raises(SiteError, match="training.level 'patch' disagree"):
         load_site("demo-tl2")
+
+
+def test_patch_validation_share_is_its_own_or_the_training_sections(sites_dir, demo):
+    _, names, parts = demo
+    ps = concat_patches([cut_patches(tile_composite(c), 16, cl, 2, names) for c, cl in parts.values()])
+    # the demo's patches train on every non-test block (a fixed schedule): no validation blocks
+    site = load_site("demo")
+    assert site.training.val_fraction > 0 and site.patch.split_val_fraction(site.training) == 0.0
+    split = patch_split(ps.table, 0, site.training.test_fraction, site.patch.split_val_fraction(site.training))
+    assert split.val == [] and len(split.train) > 0
+    # without patch.val_fraction the training section's share applies, and the test blocks stay the same
+    doc = demo_doc("demo-patch-val")
+    doc["patch"] = {}
+    write_site(sites_dir, doc)
+    other = load_site("demo-patch-val")
+    share = other.patch.split_val_fraction(other.training)
+    assert share == other.training.val_fraction > 0
+    held = patch_split(ps.table, 0, other.training.test_fraction, share)
+    assert len(held.val) > 0 and held.test == split.test
