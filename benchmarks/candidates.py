@@ -53,7 +53,8 @@ from cropmap.models.forest import binned_features, make_forest  # noqa: E402
 from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
 from cropmap.pipeline.levels.pixel.evaluate import predict_samples  # noqa: E402
 from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, train_model  # noqa: E402
-from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_scores  # noqa: E402
+from cropmap.pipeline.levels.selection import BLEND as RUN_BLEND  # noqa: E402
+from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_outputs, validation_scores  # noqa: E402
 from cropmap.pipeline.sites import Training  # noqa: E402
 
 POINT_SETS = ("corsica2022", "flanders2021", "africa2017")
@@ -289,7 +290,9 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
             predictors[name] = predict
             if skip and name in skip:
                 continue
-            v = validation_scores(seen, val, predict(val))
+            pv = predict(val)
+            v = validation_scores(seen, val, pv)
+            vo = validation_outputs(seen[val], pv, samples.table["parcel_id"].to_numpy()[val])  # the bootstrap resamples parcels
         except (ImportError, NotImplementedError) as exc:
             print(f"# {dataset} {budget} {seed} {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
             continue
@@ -299,9 +302,40 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
                      "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
                      "val_overall_accuracy": round(v["overall_accuracy"], 4), "val_macro_f1": round(v["macro_f1"], 4),
                      "test_overall_accuracy": round(t["overall_accuracy"], 4), "test_macro_f1": round(t["macro_f1"], 4),
-                     "seconds": round(time.perf_counter() - t0, 1), "load": round(os.getloadavg()[0], 2)})
-        print(json.dumps(rows[-1]), flush=True)
+                     "seconds": round(time.perf_counter() - t0, 1), "load": round(os.getloadavg()[0], 2),
+                     # validation labels, predicted classes and parcel groups: what the choice's bootstrap resamples
+                     "val_outputs": {k: vo[k].tolist() for k in ("y", "pred", "groups")}})
+        print(json.dumps({k: val for k, val in rows[-1].items() if k != "val_outputs"}), flush=True)
     return rows
+
+
+def _outputs(rows: list[dict]) -> list[dict]:
+    """The rows' validation outputs (sorted by seed) for the choice's bootstrap; [] when a row lacks them
+    (rows written before they were recorded: the ranking alone decides)."""
+    rows = sorted(rows, key=lambda r: r["seed"])
+    if not all("val_outputs" in r for r in rows):
+        return []
+    return [{k: np.asarray(r["val_outputs"][k], np.int64) for k in ("y", "pred", "groups")} for r in rows]
+
+
+def _choose(results: list[CandidateResult]) -> dict:
+    """:func:`choose` with this harness's ``blend-all`` playing the run's blend (the mean of every candidate):
+    the blend rule of the choice applies to it (``blend``, the older three-model mean, is not the run's)."""
+    run_like = any(r.name == "blend-all" for r in results) and not any(r.name == RUN_BLEND for r in results)
+    if run_like:
+        for r in results:
+            if r.name == "blend-all":
+                r.name = RUN_BLEND
+    choice = choose(results)
+    if run_like:
+        for r in results:
+            if r.name == RUN_BLEND:
+                r.name = "blend-all"
+        def rename(n: str) -> str:
+            return "blend-all" if n == RUN_BLEND else n
+        choice = {**choice, "winner": rename(choice["winner"]),
+                  "ranking": [{**x, "name": rename(x["name"])} for x in choice["ranking"]]}
+    return choice
 
 
 def with_auto(rows: list[dict], exclude: tuple[str, ...] = ()) -> list[dict]:
@@ -314,9 +348,9 @@ def with_auto(rows: list[dict], exclude: tuple[str, ...] = ()) -> list[dict]:
         if not group:
             continue
         # the choice sees validation figures only (the test fields are not passed)
-        results = [CandidateResult(r["candidate"], validation=[{"macro_f1": r["val_macro_f1"], "overall_accuracy": r["val_overall_accuracy"]}])
-                   for r in group]
-        choice = choose(results)
+        results = [CandidateResult(r["candidate"], validation=[{"macro_f1": r["val_macro_f1"], "overall_accuracy": r["val_overall_accuracy"]}],
+                                   outputs=_outputs([r])) for r in group]
+        choice = _choose(results)
         win = next(r for r in group if r["candidate"] == choice["winner"])
         out.append({**win, "candidate": "auto", "picked": choice["winner"], "reason": choice["reason"], "impl": "auto", "seconds": 0.0})
     # what a run does: ONE candidate for all its split seeds, by mean validation macro F1 over them
@@ -328,8 +362,9 @@ def with_auto(rows: list[dict], exclude: tuple[str, ...] = ()) -> list[dict]:
         if not names:
             continue
         results = [CandidateResult(c, validation=[{"macro_f1": r["val_macro_f1"], "overall_accuracy": r["val_overall_accuracy"]}
-                                                  for r in group if r["candidate"] == c]) for c in names]
-        choice = choose(results)
+                                                  for r in group if r["candidate"] == c],
+                                   outputs=_outputs([r for r in group if r["candidate"] == c])) for c in names]
+        choice = _choose(results)
         for r in group:
             if r["candidate"] == choice["winner"]:
                 out.append({**r, "candidate": "auto-run", "picked": choice["winner"], "reason": choice["reason"], "impl": "auto-run",

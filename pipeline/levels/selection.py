@@ -10,7 +10,13 @@ reported only). This module is the pure part of that:
   reading the labels at those indices and nowhere else;
 * :func:`choose` ranks candidates by mean validation macro F1 over split seeds, ties (within
   ``tie_tolerance``) by mean validation overall accuracy, then by the order the candidates were
-  given (cheapest first), and says why the winner won;
+  given (cheapest first), and says why the winner won. When the candidates include the
+  :data:`BLEND` (the mean of every candidate's probabilities) and a single model ranks above it,
+  the single model wins only if its lead is larger than validation noise: a paired bootstrap over
+  the validation parcels (:func:`bootstrap_lead`) must give it a higher mean macro F1 than the blend
+  in at least :data:`BLEND_CONFIDENCE` of the draws; otherwise the blend is kept. Averaging the
+  candidates is what minimises the risk of a wrong pick when validation cannot tell them apart
+  (model averaging); validation sets of a few dozen parcels rarely can;
 * :func:`select_and_report` runs candidate fitters over the splits, chooses on validation, and
   only *then* scores every candidate on test; the fitters see the labels through
   :class:`GuardedLabels`, which raises on any read of that split's test indices, so the choice
@@ -39,6 +45,9 @@ __all__ = [
     "GuardedLabels",
     "ForbiddenLabelRead",
     "validation_scores",
+    "validation_outputs",
+    "bootstrap_lead",
+    "BLEND_CONFIDENCE",
     "choose",
     "select_and_report",
     "ensemble_proba",
@@ -49,6 +58,9 @@ AUTO = "auto"
 BLEND = "blend"
 """The candidate that is the mean of every other candidate's (calibrated) probabilities."""
 PRIMARY, SECONDARY = "macro_f1", "overall_accuracy"
+BLEND_CONFIDENCE = 0.95
+"""A single model replaces the blend only when it beats it in this share of the bootstrap draws."""
+BOOTSTRAP_DRAWS = 2000
 
 
 class ForbiddenLabelRead(RuntimeError):
@@ -109,6 +121,9 @@ class CandidateResult:
     test: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    outputs: list[dict] = field(default_factory=list, repr=False)
+    """Per split seed, in the order of ``validation``: :func:`validation_outputs` (labels, predicted
+    classes and parcel groups of the validation samples) for the bootstrap; not serialised."""
 
     def mean(self, which: str, key: str) -> float:
         rows = self.validation if which == "validation" else self.test
@@ -144,8 +159,67 @@ def validation_scores(y: Any, val_idx: np.ndarray, proba_val: np.ndarray) -> dic
     return _scores(y[val_idx], proba_val, np.asarray(proba_val).shape[1])
 
 
-def choose(candidates: Sequence[CandidateResult], tie_tolerance: float = 1e-9) -> dict:
-    """Rank by mean validation macro F1, ties by mean validation OA, then by the given order.
+def validation_outputs(y_val: Any, proba_val: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """What :func:`bootstrap_lead` resamples for one split seed: the validation labels (already read
+    through the guard by the caller), the predicted classes, and the group (parcel) of each sample
+    (``None``: every sample is its own group)."""
+    y = np.asarray(y_val, np.int64).reshape(-1)
+    pred = np.asarray(proba_val).argmax(1).astype(np.int64)
+    if len(pred) != len(y):
+        raise ValueError(f"{len(pred)} predictions for {len(y)} validation labels")
+    g = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    return {"y": y, "pred": pred, "groups": g.astype(np.int64)}
+
+
+def _weighted_macro_f1(y: np.ndarray, pred: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """Macro F1 (over the classes with reference weight > 0, as :func:`_scores`) for each row of weights ``w`` (B, n)."""
+    b = w.shape[0]
+    ref = np.zeros((b, k))
+    hit = np.zeros((b, k))
+    out = np.zeros((b, k))
+    for c in range(k):
+        ref[:, c] = w[:, y == c].sum(1)
+        out[:, c] = w[:, pred == c].sum(1)
+        hit[:, c] = w[:, (y == c) & (pred == c)].sum(1)
+    denom = ref + out
+    f1 = np.divide(2 * hit, denom, out=np.zeros_like(hit), where=denom > 0)
+    present = ref > 0
+    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def bootstrap_lead(a: Sequence[dict], b: Sequence[dict], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    """Share of paired bootstrap draws in which candidate ``a`` has the higher mean validation macro F1
+    over the split seeds than ``b`` (ties count half).
+
+    ``a`` and ``b``: :func:`validation_outputs` of the same validation samples, one per split seed.
+    Each draw resamples, in every seed, the validation *groups* (parcels) with replacement and scores
+    both candidates on the same resampled pixels: pixels of one parcel are not independent evidence.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError("the bootstrap needs the two candidates' validation outputs of the same split seeds")
+    rng = np.random.default_rng(seed)
+    diff = np.zeros(draws)
+    for oa, ob in zip(a, b):
+        if not np.array_equal(oa["y"], ob["y"]) or not np.array_equal(oa["groups"], ob["groups"]):
+            raise ValueError("the two candidates were scored on different validation samples")
+        g = oa["groups"]
+        n_groups = int(g.max()) + 1
+        counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups) for _ in range(draws)])
+        w = counts[:, g].astype(np.float64)  # (draws, n): a sample's weight is its group's multiplicity
+        k = int(max(oa["y"].max(), oa["pred"].max(), ob["pred"].max())) + 1
+        diff += _weighted_macro_f1(oa["y"], oa["pred"], w, k) - _weighted_macro_f1(ob["y"], ob["pred"], w, k)
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / draws)
+
+
+def choose(candidates: Sequence[CandidateResult], tie_tolerance: float = 1e-9,
+           blend_confidence: float = BLEND_CONFIDENCE) -> dict:
+    """Rank by mean validation macro F1, ties by mean validation OA, then by the given order; then
+    keep the :data:`BLEND` unless the top single model beats it beyond validation noise.
+
+    The last step needs both candidates' ``outputs`` (per-sample validation predictions); without them
+    (or with ``blend_confidence`` None) the ranking alone decides. The single model ranked first keeps
+    the win if :func:`bootstrap_lead` says it beats the blend in at least ``blend_confidence`` of the
+    draws; else the blend is moved to the top of the ranking and wins.
 
     Returns ``{"winner", "criterion", "ranking": [{name, validation_macro_f1, validation_overall_accuracy}],
     "reason"}``. Candidates that failed (``error``) or have no validation rows are ranked last and
@@ -173,9 +247,34 @@ def choose(candidates: Sequence[CandidateResult], tie_tolerance: float = 1e-9) -
             i += 1
         ranked.insert(i, c)
     win = ranked[0]
+    blend = next((c for c in ranked if c.name == BLEND), None)
+    lead = None
+    if (blend is not None and win is not blend and blend_confidence is not None and win.outputs and blend.outputs
+            and len(win.outputs) == len(blend.outputs) == len(win.validation) == len(blend.validation)):
+        try:
+            lead = bootstrap_lead(win.outputs, blend.outputs)
+        except ValueError:  # not scored on the same validation samples: the ranking alone decides
+            lead = None
+        if lead is not None and lead < blend_confidence:
+            ranked.remove(blend)
+            ranked.insert(0, blend)
     ranking = [{"name": c.name, "validation_macro_f1": round(c.mean("validation", PRIMARY), 4),
                 "validation_overall_accuracy": round(c.mean("validation", SECONDARY), 4)} for c in ranked]
-    if len(ranked) == 1:
+    if lead is not None:
+        top = win  # the best single model
+        gap = top.mean("validation", PRIMARY) - blend.mean("validation", PRIMARY)
+        noise = (f"paired bootstrap over the validation parcels, {BOOTSTRAP_DRAWS} draws: {top.name} better in "
+                 f"{lead:.0%} of them")
+        if lead < blend_confidence:
+            win = blend
+            reason = (f"{BLEND} kept: {top.name} ranks first on mean validation macro F1 ({top.mean('validation', PRIMARY):.3f} vs "
+                      f"{blend.mean('validation', PRIMARY):.3f}, {gap:+.3f}) but its lead is within validation noise ({noise}, "
+                      f"below the {blend_confidence:.0%} needed to replace the mean of all candidates)")
+        else:
+            reason = (f"{top.name} has the highest mean validation macro F1 ({top.mean('validation', PRIMARY):.3f}, "
+                      f"{gap:+.3f} over the {BLEND}) and its lead over the {BLEND} is beyond validation noise ({noise}, "
+                      f"at least the {blend_confidence:.0%} needed)")
+    elif len(ranked) == 1:
         reason = f"{win.name} is the only candidate that produced validation scores"
     else:
         second = ranked[1]
@@ -193,8 +292,15 @@ def choose(candidates: Sequence[CandidateResult], tie_tolerance: float = 1e-9) -
     failed = [c.name for c in candidates if c not in usable]
     if failed:
         reason += f"; not ranked (failed or no validation): {', '.join(failed)}"
-    return {"winner": win.name, "criterion": "mean validation macro F1 over split seeds, ties by validation overall accuracy",
-            "ranking": ranking, "reason": reason}
+    criterion = "mean validation macro F1 over split seeds, ties by validation overall accuracy"
+    if lead is not None:
+        criterion += (f"; the {BLEND} is kept unless the best single model beats it in {blend_confidence:.0%} of a paired "
+                      "bootstrap over the validation parcels")
+    out = {"winner": win.name, "criterion": criterion, "ranking": ranking, "reason": reason}
+    if lead is not None:
+        out["bootstrap"] = {"candidate": ranked[1].name if win is blend else win.name, "against": BLEND,
+                            "p_candidate_better": round(lead, 4), "needed": blend_confidence, "draws": BOOTSTRAP_DRAWS}
+    return out
 
 
 # A fitter trains one candidate on one split and returns a predictor: indices -> probabilities (n, K).

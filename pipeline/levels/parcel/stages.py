@@ -62,7 +62,7 @@ from cropmap.pipeline.levels.parcel.train import (
     sensor_means,
     train_parcel_model,
 )
-from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_scores
+from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_outputs, validation_scores
 from cropmap.pipeline.levels.series_models import train_model
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.sites import Site
@@ -214,9 +214,11 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
                 if len(side["val"]):  # the choice reads the validation parcels' labels, never the test parcels'
                     val_p[cand], _ = candidate_proba(cand, out, samples.subset(side["val"]), means.subset(side["val"]) if means else None, device)
                     results[cand].validation.append({"seed": seed, **validation_scores(y[side["val"]], np.arange(len(side["val"])), val_p[cand])})
+                    results[cand].outputs.append(validation_outputs(y[side["val"]], val_p[cand]))  # one parcel per sample
             if blending and len(val_p) == len(cands):
                 blend = np.mean(list(val_p.values()), axis=0)
                 results[BLEND].validation.append({"seed": seed, **validation_scores(y[side["val"]], np.arange(len(side["val"])), blend)})
+                results[BLEND].outputs.append(validation_outputs(y[side["val"]], blend))
             test_ids = samples.table["parcel_id"].to_numpy()[side["test"]]
             write_forest_baseline(base_dir / f"forest-seed-{seed}.parquet", seed, feats[side["train"]], y[side["train"]], feats[side["test"]],
                                   len(classes), "parcel_id", test_ids)

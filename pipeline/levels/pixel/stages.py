@@ -49,7 +49,7 @@ from cropmap.pipeline.levels.pixel.predict import predict_site
 from cropmap.pipeline.levels.pixel.pretrain import pretrain_encoder
 from cropmap.pipeline.levels.pixel.tensors import concat_samples, cube_bands, labelled_samples, unlabelled_samples
 from cropmap.pipeline.levels.pixel.train import as_series, train_model
-from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_scores
+from cropmap.pipeline.levels.selection import BLEND, CandidateResult, candidate_table, choice_document, validation_outputs, validation_scores
 from cropmap.pipeline.runner import Stage, StageContext
 from cropmap.pipeline.samples import load_store, save_store
 from cropmap.pipeline.sites import Candidate, Legend
@@ -217,6 +217,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                     proba_val, vmeta, aligned = predict_samples(out, samples.subset(idx["val"]), device)
                     y_val = encode_labels(aligned, vmeta["classes"])
                     res.validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), proba_val)})
+                    res.outputs.append(validation_outputs(y_val, proba_val, aligned.table["parcel_id"].to_numpy()))
                     val_proba[cand.model] = proba_val  # raw: the blend is calibrated as a whole
                 if cand.model in ("forest", "boosting"):  # the candidate is the baseline: its test predictions, once
                     proba_test, _, _ = predict_samples(out, samples.subset(idx["test"]), device)
@@ -226,6 +227,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                 # arg-max, so not the choice) is fitted on the same validation pixels, every parcel weighted alike
                 blend_val = np.mean(list(val_proba.values()), axis=0)
                 results[BLEND].validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), blend_val)})
+                results[BLEND].outputs.append(validation_outputs(y_val, blend_val, aligned.table["parcel_id"].to_numpy()))
                 blend_t[str(seed)] = fit_temperature(blend_val, y_val, aligned.table["parcel_id"].to_numpy())
             # the random-forest and boosting baselines on exactly the same training pixels and test pixels
             # (with auto they are candidates and were written above)

@@ -151,3 +151,55 @@ def test_ensemble_averages_the_split_seed_models():
     assert np.allclose(ensemble_proba([a, b]), [[0.5, 0.5]])
     with pytest.raises(ValueError):
         ensemble_proba([a, np.zeros((2, 2))])
+
+
+def scored(name, y, pred, groups=None):
+    """A candidate with real per-sample validation outputs (one split seed)."""
+    from cropmap.pipeline.levels.selection import validation_outputs
+
+    proba = np.eye(int(max(y.max(), pred.max())) + 1)[pred]
+    return CandidateResult(name, validation=[validation_scores(y, np.arange(len(y)), proba)],
+                           outputs=[validation_outputs(y, proba, groups)])
+
+
+def test_the_blend_is_kept_when_a_single_models_lead_is_validation_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 30)
+    blend = np.where(rng.random(30) < 0.7, y, (y + 1) % 3)
+    single = blend.copy()
+    wrong = np.nonzero(single != y)[0][:1]  # one more correct sample of 30: a lead well inside the noise
+    single[wrong] = y[wrong]
+    c = choose([scored("boosting", y, single), scored("blend", y, blend)])
+    assert c["ranking"][0]["name"] == "blend" and c["winner"] == "blend"
+    assert 0.5 < c["bootstrap"]["p_candidate_better"] < 0.95 and c["bootstrap"]["candidate"] == "boosting"
+    assert "within validation noise" in c["reason"]
+    # without per-sample outputs the ranking alone decides (older callers)
+    plain = choose([cand("boosting", [c["ranking"][1]["validation_macro_f1"]], [0.8]),
+                    cand("blend", [c["ranking"][0]["validation_macro_f1"]], [0.8])])
+    assert plain["winner"] == "boosting" and "bootstrap" not in plain
+
+
+def test_a_single_model_clearly_better_than_the_blend_wins():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    single = y.copy()
+    blend = np.where(rng.random(200) < 0.5, y, (y + 1) % 3)
+    c = choose([scored("ltae", y, single), scored("blend", y, blend)])
+    assert c["winner"] == "ltae" and c["bootstrap"]["p_candidate_better"] >= 0.95
+    assert "beyond validation noise" in c["reason"]
+
+
+def test_the_bootstrap_resamples_parcels_not_pixels():
+    from cropmap.pipeline.levels.selection import bootstrap_lead, validation_outputs
+
+    # 4 parcels of 50 pixels; the single model is better on one parcel only: as pixels that looks like
+    # 50 independent wins, as parcels it is one win in four
+    y = np.repeat([0, 1, 0, 1], 50)
+    a = y.copy()
+    b = y.copy()
+    b[:50] = 1
+    eye = np.eye(2)
+    groups = np.repeat(np.arange(4), 50)
+    by_pixel = bootstrap_lead([validation_outputs(y, eye[a])], [validation_outputs(y, eye[b])])
+    by_parcel = bootstrap_lead([validation_outputs(y, eye[a], groups)], [validation_outputs(y, eye[b], groups)])
+    assert by_pixel > 0.99 and by_parcel < 0.95  # parcel 0 is missing from about (3/4)^4 of the draws
