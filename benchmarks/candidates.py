@@ -292,7 +292,8 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
                 continue
             pv = predict(val)
             v = validation_scores(seen, val, pv)
-            vo = validation_outputs(seen[val], pv, samples.table["parcel_id"].to_numpy()[val])  # the bootstrap resamples parcels
+            groups = samples.table["parcel_id"].to_numpy()[val] if "parcel_id" in samples.table else None  # point tables: a sample each
+            vo = validation_outputs(seen[val], pv, groups)  # the bootstrap resamples parcels
         except (ImportError, NotImplementedError) as exc:
             print(f"# {dataset} {budget} {seed} {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
             continue
