@@ -363,7 +363,7 @@ def parcel_stages(run: RunInputs) -> list[Stage]:
         doc = metrics_document(runs, protocol=protocol, head=head,
                                baseline_model="random_forest (500 trees, depth 25, 30-day medians of parcel-mean series)")
         if choice:
-            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note")}
+            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note", "bootstrap") if k in choice}
             doc["candidates"] = candidate_table(choice, list(scored.values()))
         write_json(ctx.path("metrics.json"), doc)
         ctx.report.update({k: doc[k] for k in ("overall_accuracy", "macro_f1", "kappa", "miou")},

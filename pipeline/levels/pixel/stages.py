@@ -332,7 +332,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                          "model": model_m, **baselines, **({"candidates": per_candidate} if choice else {})})
         doc = _metrics_document(runs, tr, legend, choice)
         if choice:
-            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note")}
+            doc["choice"] = {k: choice[k] for k in ("winner", "members", "criterion", "reason", "ranking", "ensemble", "note", "bootstrap") if k in choice}
             doc["candidates"] = candidate_table(choice, list(scored.values()))
         if calibration:
             doc["calibration"] = summarize_calibration(calibration)
