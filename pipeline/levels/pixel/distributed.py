@@ -323,20 +323,28 @@ PREDICT_TILE_VERSION = "1"
 _PREDICTORS: dict[tuple, Any] = {}
 
 
-def _predictor(legend, model_dir: Path | list[Path], device: str | None):
-    """The model (or averaging ensemble of models) of this worker process, loaded once per model directory set."""
+def _grouping(groups: list[list[int]] | None, group_temperatures: list[float] | None) -> dict:
+    """The blend's grouping keywords of :func:`~cropmap.pipeline.levels.pixel.predict.make_predictor` (none without groups)."""
+    return {"groups": groups, "group_temperatures": group_temperatures} if groups else {}
+
+
+def _predictor(legend, model_dir: Path | list[Path], device: str | None, groups: list[list[int]] | None = None,
+               group_temperatures: list[float] | None = None):
+    """The model (or averaging ensemble of models, or the blend's groups of members) of this worker process,
+    loaded once per model directory set and grouping."""
     from cropmap.pipeline.levels.pixel.predict import make_predictor
 
     dirs = [Path(d) for d in (model_dir if isinstance(model_dir, (list, tuple)) else [model_dir])]
-    k = (tuple(str(d) for d in dirs), tuple(_stamp(d / "model.safetensors")[2] for d in dirs), device)
+    k = (tuple(str(d) for d in dirs), tuple(_stamp(d / "model.safetensors")[2] for d in dirs), device,
+         json.dumps(_grouping(groups, group_temperatures)))
     if k not in _PREDICTORS:
         _PREDICTORS.clear()
-        _PREDICTORS[k] = make_predictor(legend, dirs, device)
+        _PREDICTORS[k] = make_predictor(legend, dirs, device, **_grouping(groups, group_temperatures))
     return _PREDICTORS[k]
 
 
 def predict_tile(tile: str, part: Path, site, legend, cube_path: Path, model_dir: Path, device: str | None,
-                 rows_per_block: int) -> dict:
+                 rows_per_block: int, groups: list[list[int]] | None = None, group_temperatures: list[float] | None = None) -> dict:
     """Worker side: classes and confidence of one tile into its part GeoTIFF (band 1 class code,
     band 2 confidence, float32, one strip per row block), atomically; returns its window and class counts."""
     import rasterio
@@ -344,7 +352,7 @@ def predict_tile(tile: str, part: Path, site, legend, cube_path: Path, model_dir
 
     from cropmap.pipeline.cube import grid_of, open_cube
 
-    predictor = _predictor(legend, model_dir, device)
+    predictor = _predictor(legend, model_dir, device, groups, group_temperatures)
     cube = open_cube(cube_path)
     full = predictor.check_tile(site, cube, cube_path)
     grid = grid_of(cube)
@@ -364,10 +372,12 @@ def predict_tile(tile: str, part: Path, site, legend, cube_path: Path, model_dir
 def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Path | list[Path], map_path: Path, confidence_path: Path, *,
                              client: Any, tiles_dir: Path, device: str | None = None, tags: dict[str, str] | None = None,
                              rows_per_block: int | None = None, retries: int = 2, keep_parts: bool = False,
-                             on_block: Callable[[int], None] | None = None) -> dict:
+                             on_block: Callable[[int], None] | None = None, groups: list[list[int]] | None = None,
+                             group_temperatures: list[float] | None = None) -> dict:
     """The class and confidence COGs of :func:`~cropmap.pipeline.levels.pixel.predict.predict_site`, with one task
     per tile on ``client`` (None: here); identical maps. Parts and tile records go to ``tiles_dir``
-    (removed once the map is complete unless ``keep_parts``)."""
+    (removed once the map is complete unless ``keep_parts``). ``groups`` / ``group_temperatures``: the
+    blend's members per split seed and each group's own temperature, as in ``predict_site``."""
     import rasterio
     from rasterio.windows import Window
 
@@ -378,15 +388,17 @@ def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Pa
     dirs = [Path(d) for d in (model_dir if isinstance(model_dir, (list, tuple)) else [model_dir])]
     model_dir = dirs if len(dirs) > 1 else dirs[0]
     metas = [json.loads((d / "config.json").read_text()) for d in dirs]
-    if len(dirs) > 1:
+    if groups:  # the blend: the calibration the workers' predictor applies (its groups' own temperatures)
+        metas = [_predictor(legend, dirs, device, groups, group_temperatures).meta]
+    elif len(dirs) > 1:
         from cropmap.pipeline.levels.pixel.predict import ensemble_calibration
 
         metas = [{**metas[0], "calibration": ensemble_calibration(metas)}]
     tags = {**(tags or {}), **calibration_tags(metas[0])}
     model_key = "".join(sha256_path(d / "model.safetensors") + sha256_path(d / "config.json") for d in dirs)
     jobs = [TileJob(Path(p).name.removesuffix(".zarr"), _key(PREDICT_TILE_VERSION, model_key, _stamp(p), site.model_dump(mode="json"),
-                                                             rows, device),
-                    (site, legend, Path(p), model_dir, device, rows)) for p in cube_paths]
+                                                             rows, device, _grouping(groups, group_temperatures)),
+                    (site, legend, Path(p), model_dir, device, rows, groups, group_temperatures)) for p in cube_paths]
     ledger = TileLedger(Path(tiles_dir), ".tif")
     transform, width, height = site_grid(site)
     counts = np.zeros(256, np.int64)

@@ -276,7 +276,7 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
 
             with cluster_client(cluster) as client:
                 summary = predict_site_distributed(*map_args, client=client, tiles_dir=ctx.path("tiles/predict"), retries=cluster.retries,
-                                                   **map_kw)
+                                                   **map_kw, **map_kw_extra)
             summary["cluster"] = cluster.describe()
         else:
             summary = predict_site(*map_args, **map_kw, **map_kw_extra)

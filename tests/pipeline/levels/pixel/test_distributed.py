@@ -270,3 +270,23 @@ def test_cropmap_run_with_workers_equals_the_one_process_run(tmp_path):
         np.testing.assert_array_equal(_read(runs["one"] / name), _read(runs["dask"] / name))
     one = json.loads((runs["one"] / "run.json").read_text())
     assert one["stages"]["tensors"]["outputs"]["samples"]["sha256"] == m["stages"]["tensors"]["outputs"]["samples"]["sha256"]
+
+
+def test_distributed_blend_map_uses_the_blends_own_temperature(tiny, tmp_path):
+    """The auto run's blend maps through groups of members with one temperature per group: the
+    distributed path gives the single-process map, and that temperature does change the confidence."""
+    site, model = tiny
+    cubes = [site.cube(t) for t in site.tiles]
+    blend = {"groups": [[0, 1]], "group_temperatures": [2.5]}
+    predict_site(site.site(), site.legend(), cubes, [model, model], tmp_path / "a" / "crops.tif", tmp_path / "a" / "conf.tif", **blend)
+    predict_site(site.site(), site.legend(), cubes, [model, model], tmp_path / "c" / "crops.tif", tmp_path / "c" / "conf.tif",
+                 groups=[[0, 1]], group_temperatures=[1.0])
+    with D.cluster_client(D.cluster_spec(2, processes=False)) as client:
+        D.predict_site_distributed(site.site(), site.legend(), cubes, [model, model], tmp_path / "b" / "crops.tif",
+                                   tmp_path / "b" / "conf.tif", client=client, tiles_dir=tmp_path / "tiles", **blend)
+    for name in ("crops.tif", "conf.tif"):
+        np.testing.assert_array_equal(_read(tmp_path / "a" / name), _read(tmp_path / "b" / name))
+    np.testing.assert_array_equal(_read(tmp_path / "a" / "crops.tif"), _read(tmp_path / "c" / "crops.tif"))
+    assert (_read(tmp_path / "a" / "conf.tif") != _read(tmp_path / "c" / "conf.tif")).any()
+    with rasterio.open(tmp_path / "a" / "crops.tif") as da, rasterio.open(tmp_path / "b" / "crops.tif") as db:
+        assert da.tags().get("cropmap_confidence_calibration") == db.tags().get("cropmap_confidence_calibration")
