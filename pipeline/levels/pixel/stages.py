@@ -303,13 +303,14 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
             test_samples = samples.subset(test)
             val = np.nonzero(side == "val")[0]
             per_candidate = {}
-            if choice is None or choice["winner"] != BLEND:
-                proba, meta, aligned = predict_samples(mdir, test_samples, device)
-                model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
-                cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
-            if choice is not None:  # every candidate on the same test pixels, after the choice
+            if choice is not None:  # every candidate on the same test pixels, after the choice (each predicted once)
                 base = [n for n in scored if n != BLEND]
                 test_p = {n: predict_samples(seed_dir / n, test_samples, device) for n in base}
+            if choice is None or choice["winner"] != BLEND:
+                proba, meta, aligned = test_p[choice["winner"]] if choice is not None else predict_samples(mdir, test_samples, device)
+                model_m = metrics_for(aligned, proba, meta["classes"], evaluated)
+                cal = calibration_of_seed(mdir, meta, samples.subset(val) if len(val) else None, proba, aligned, device)
+            if choice is not None:
                 aligned, classes = test_p[base[0]][2], test_p[base[0]][1]["classes"]
                 for n in base:
                     per_candidate[n] = metrics_for(aligned, test_p[n][0], classes, evaluated)
