@@ -54,7 +54,16 @@ from cropmap.models.training import FitConfig, predict_proba  # noqa: E402
 from cropmap.pipeline.levels.pixel.evaluate import predict_samples  # noqa: E402
 from cropmap.pipeline.levels.pixel.train import as_series, class_table, encode_labels, train_model  # noqa: E402
 from cropmap.pipeline.levels.selection import BLEND as RUN_BLEND  # noqa: E402
-from cropmap.pipeline.levels.selection import CandidateResult, GuardedLabels, _scores, choose, validation_outputs, validation_scores  # noqa: E402
+from cropmap.pipeline.levels.selection import (  # noqa: E402
+    BLEND_CONFIDENCE,
+    CandidateResult,
+    GuardedLabels,
+    _scores,
+    bootstrap_lead,
+    choose,
+    validation_outputs,
+    validation_scores,
+)
 from cropmap.pipeline.sites import Training  # noqa: E402
 
 POINT_SETS = ("corsica2022", "flanders2021", "africa2017")
@@ -264,6 +273,8 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
     feats = binned_features(as_series(samples)) if any(c in BASELINES for c in candidates) else None
     rows = []
     predictors: dict[str, object] = {}
+    val_out: dict[str, dict] = {}  # validation outputs and macro F1 of the candidates fitted so far (blend-pruned reads them)
+    val_f1: dict[str, float] = {}
     for name in candidates:
         if skip and name in skip and not (name in BLEND and "blend" in candidates):
             continue
@@ -281,6 +292,15 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
                     raise NotImplementedError(f"blend-all needs two candidates before it, has {members}")
                 parts = [predictors[m] for m in members]
                 predict, impl = (lambda idx, parts=parts: np.mean([p(idx) for p in parts], axis=0)), f"blend-all: mean of {members}"
+            elif name == "blend-pruned":  # blend-all without the members validation finds clearly below the best one
+                singles = [m for m in predictors if not m.startswith("blend") and m in val_out]
+                if len(singles) < 2:
+                    raise NotImplementedError(f"blend-pruned needs two scored candidates before it, has {singles}")
+                best = max(singles, key=lambda m: val_f1[m])
+                members = [m for m in singles if m == best or bootstrap_lead([val_out[best]], [val_out[m]]) < BLEND_CONFIDENCE]
+                parts = [predictors[m] for m in members]
+                predict, impl = ((lambda idx, parts=parts: np.mean([p(idx) for p in parts], axis=0)),
+                                 f"blend-pruned: mean of {members} (dropped: {[m for m in singles if m not in members]})")
             elif name in BASELINES:
                 predict, impl = fit_features(name, samples, train, seen, seed, feats, n_classes)
             elif name.startswith("presto"):
@@ -294,6 +314,7 @@ def run_one(samples, recipe, dataset: str, budget: float, seed: int, candidates:
             v = validation_scores(seen, val, pv)
             groups = samples.table["parcel_id"].to_numpy()[val] if "parcel_id" in samples.table else None  # point tables: a sample each
             vo = validation_outputs(seen[val], pv, groups)  # the bootstrap resamples parcels
+            val_out[name], val_f1[name] = vo, v["macro_f1"]
         except (ImportError, NotImplementedError) as exc:
             print(f"# {dataset} {budget} {seed} {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
             continue
