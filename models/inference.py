@@ -132,8 +132,9 @@ def dense_views(dense: np.ndarray, days: np.ndarray, max_len: int, mean: np.ndar
         x -= np.asarray(mean, np.float32)
         x /= np.asarray(std, np.float32)
     present = zero_absent(x)
-    day_of = np.append(np.asarray(days, np.float32)[flat % max(u, 1)], np.float32(0))
-    return Views(x, present, day_of.take(slot), valid, vlen, owner, p)
+    day_of = np.zeros(p * u + 1, np.float32)  # the day of each (pixel, date) row: a broadcast, cheaper than flat % U
+    day_of[:-1].reshape(p, u)[:] = np.asarray(days, np.float32)
+    return Views(x, present, day_of.take(src), valid, vlen, owner, p)
 
 
 def compiled(model: nn.Module, device: str, enabled: bool) -> nn.Module:
