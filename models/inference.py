@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Views", "dense_views", "view_slots", "zero_absent", "predict_views", "Prefetcher", "compiled", "host_tensors", "mha_fastpath"]
+__all__ = ["Views", "dense_views", "view_slots", "zero_absent", "predict_views", "Prefetcher", "compiled", "host_tensors", "mha_fastpath", "eval_fast", "eval_fast_path"]
 
 
 @dataclass
@@ -145,10 +145,25 @@ def compiled(model: nn.Module, device: str, enabled: bool) -> nn.Module:
 
 
 def _batches(v: Views, batch_size: int) -> Iterator[tuple[int, int, int]]:
-    """(start, end, padded length) of each batch: consecutive sorted views, padded to the batch's longest."""
-    for s in range(0, len(v), batch_size):
-        e = min(len(v), s + batch_size)
-        yield s, e, max(1, int(v.lengths[e - 1]))
+    """(start, end, padded length) of each batch: consecutive sorted views, padded to the batch's longest.
+
+    A batch ends where the view length changes when that leaves at least a quarter batch: most
+    batches then hold views of one length, with no padding at all (no attention mask, no boolean
+    indexing of tokens; see :func:`cropmap.models.pixel.stnet.encoder_layer_eval`)."""
+    n, lengths = len(v), v.lengths
+    floor = max(1, batch_size // 4)
+    s = 0
+    while s < n:
+        e = min(n, s + batch_size)
+        if lengths[e - 1] != lengths[s]:
+            run = int(np.searchsorted(lengths, lengths[s], side="right"))  # end of the first length's run
+            last = int(np.searchsorted(lengths, lengths[e - 1], side="left"))  # start of the last length's run
+            if run - s >= floor:
+                e = run
+            elif last - s >= floor:
+                e = last
+        yield s, e, max(1, int(lengths[e - 1]))
+        s = e
 
 
 def host_tensors(v: Views, s: int, e: int, t: int, pin: bool) -> dict[str, torch.Tensor]:
@@ -158,6 +173,27 @@ def host_tensors(v: Views, s: int, e: int, t: int, pin: bool) -> dict[str, torch
            "days": torch.from_numpy(np.ascontiguousarray(v.days[s:e, :t])),
            "mask": torch.from_numpy(np.ascontiguousarray(v.mask[s:e, :t]))}
     return {k: a.pin_memory() for k, a in out.items()} if pin else out
+
+
+_EVAL_FAST = threading.local()
+
+
+def eval_fast_path() -> bool:
+    """Whether a model forward runs inside :func:`predict_views` (models may then take inference-only shortcuts
+    that give the same outputs to float noise, e.g. :func:`cropmap.models.pixel.stnet.encoder_layer_eval`)."""
+    return getattr(_EVAL_FAST, "on", False)
+
+
+class eval_fast:  # noqa: N801 - used as a context manager
+    """Turn :func:`eval_fast_path` on (this thread) for the forward passes of :func:`predict_views`; the
+    reference ``predict_proba`` and training never see it."""
+
+    def __enter__(self) -> None:
+        self.before = eval_fast_path()
+        _EVAL_FAST.on = True
+
+    def __exit__(self, *exc) -> None:
+        _EVAL_FAST.on = self.before
 
 
 class mha_fastpath:  # noqa: N801 - used as a context manager
@@ -189,7 +225,7 @@ def predict_views(model: nn.Module, v: Views, batch_size: int = 512, device: str
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     acc = None
-    with torch.inference_mode(), mha_fastpath(cuda if fastpath is None else fastpath):
+    with torch.inference_mode(), mha_fastpath(cuda if fastpath is None else fastpath), eval_fast():
         owner = torch.from_numpy(v.owner).to(dev)
         for i, (s, e, t) in enumerate(_batches(v, batch_size)):
             hb = host[i] if host is not None else host_tensors(v, s, e, t, pin=cuda)

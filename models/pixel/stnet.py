@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cropmap.models.encoding import DayEncoding
+from cropmap.models.inference import eval_fast_path
 
 __all__ = ["STNetConfig", "STNet", "cloud_weights", "POOLING_MODES"]
 
@@ -320,9 +321,9 @@ class STNet(nn.Module):
 
         B, T, _ = x.shape
         feats = torch.cat([x, present.to(x.dtype)], dim=-1)
-        # inference on CPU without padding (the predict path buckets views by length): no boolean
-        # indexing, no attention mask, the batch-first layer; the same outputs to float noise
-        fast = not self.training and x.device.type == "cpu" and _eval_layer_ok(self.encoder)
+        # inference on CPU inside predict_views (it buckets views by length): the batch-first layer, and
+        # without padding no boolean indexing and no attention mask; the same outputs to float noise
+        fast = not self.training and x.device.type == "cpu" and eval_fast_path() and _eval_layer_ok(self.encoder)
         full = fast and bool(mask.all())
         if full:
             h = self.input_norm(self.input_mlp(feats.reshape(B * T, -1))).view(B, T, -1)
@@ -331,7 +332,11 @@ class STNet(nn.Module):
             tokens = self.input_norm(self.input_mlp(feats[mask]))
             h = tokens.new_zeros(B, T, tokens.shape[-1])
             h[mask] = tokens
-        h = h + self.day_encoding(days)
+        if fast:  # the dates of a block are few: encode each distinct day once (the same values)
+            uniq, inverse = torch.unique(days, return_inverse=True)
+            h += self.day_encoding(uniq)[inverse]
+        else:
+            h = h + self.day_encoding(days)
         if not full:
             h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
 

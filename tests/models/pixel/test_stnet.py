@@ -323,9 +323,9 @@ def test_encoder_layer_eval_equals_the_module(norm_first, activation):
     assert torch.allclose(got_full, want_full, atol=1e-5)
 
 
-def test_eval_fast_path_equals_the_module_path(monkeypatch):
-    """Eval on CPU (no boolean indexing without padding, batch-first layer) = the plain module path."""
-    import cropmap.models.pixel.stnet as stnet
+def test_eval_fast_path_equals_the_module_path():
+    """Inside predict_views (eval_fast): the batch-first layer, no boolean indexing without padding; = the module path."""
+    from cropmap.models.inference import eval_fast, eval_fast_path
 
     model = make_model().eval()
     with torch.no_grad():
@@ -334,9 +334,10 @@ def test_eval_fast_path_equals_the_module_path(monkeypatch):
     x, present, days, _ = random_batch(B=16, T=12, seed=4)
     full = (x, present, days, torch.ones(16, 12, dtype=torch.bool))
     with torch.inference_mode():
-        got = [model(*b) for b in (padded, full)]
-        monkeypatch.setattr(stnet, "_eval_layer_ok", lambda layer: False)
+        assert not eval_fast_path()  # predict_proba and training never take the shortcut
         want = [model(*b) for b in (padded, full)]
+        with eval_fast():
+            got = [model(*b) for b in (padded, full)]
     for g, w in zip(got, want):
         assert w.std() > 0.1
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-5)
