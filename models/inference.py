@@ -9,7 +9,8 @@ not observed), so building a batch costs a few passes over memory:
   :func:`~cropmap.models.series.interleaved_views` (view ``j`` of a pixel with ``k`` views holds its
   observations ``j, j + k, ...``), normalised and padded, **sorted by length** so that a batch of
   neighbouring views is padded only to its own longest view (padding bucketed by length);
-* :func:`predict_views`: batched ``torch.inference_mode`` forward passes, bfloat16 autocast and
+* :func:`predict_views`: batched ``torch.inference_mode`` forward passes (a batch holds views of one
+  length where that fills a quarter batch: no padding, no attention mask), bfloat16 autocast and
   optional ``torch.compile`` on CUDA, pinned host memory and non-blocking copies, the views'
   probabilities averaged per pixel on the device;
 * :class:`Prefetcher`: a reader thread that prepares the next blocks while the model runs on the
