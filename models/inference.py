@@ -9,7 +9,8 @@ not observed), so building a batch costs a few passes over memory:
   :func:`~cropmap.models.series.interleaved_views` (view ``j`` of a pixel with ``k`` views holds its
   observations ``j, j + k, ...``), normalised and padded, **sorted by length** so that a batch of
   neighbouring views is padded only to its own longest view (padding bucketed by length);
-* :func:`predict_views`: batched ``torch.inference_mode`` forward passes, bfloat16 autocast and
+* :func:`predict_views`: batched ``torch.inference_mode`` forward passes (a batch holds views of one
+  length where that fills a quarter batch: no padding, no attention mask), bfloat16 autocast and
   optional ``torch.compile`` on CUDA, pinned host memory and non-blocking copies, the views'
   probabilities averaged per pixel on the device;
 * :class:`Prefetcher`: a reader thread that prepares the next blocks while the model runs on the
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Views", "dense_views", "predict_views", "Prefetcher", "compiled", "host_tensors", "mha_fastpath"]
+__all__ = ["Views", "dense_views", "view_slots", "zero_absent", "predict_views", "Prefetcher", "compiled", "host_tensors", "mha_fastpath", "eval_fast", "eval_fast_path"]
 
 
 @dataclass
@@ -68,6 +69,45 @@ def _with_pad_row(dense: np.ndarray) -> np.ndarray:
     return np.concatenate([dense.reshape(p * u, c), np.full((1, c), np.nan, dense.dtype)])
 
 
+def view_slots(obs: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each model view's observations are, views sorted by length (no per-pixel Python).
+
+    ``obs`` (P, U) bool: the observed (pixel, date) pairs. A pixel with ``L`` observations gets
+    ``k = ceil(L / max_len)`` views (0 when ``L = 0``), exactly those of
+    :func:`~cropmap.models.series.interleaved_views`: view ``j`` holds its observations of rank
+    ``j, j + k, ...``. Returns ``slot`` (V, T) int64, the index in ``flat`` of each view's
+    observation (``len(flat)`` on padding), ``valid`` (V, T) bool (a real observation), the views'
+    lengths (non-decreasing) and owners (pixel index), and ``flat`` = ``np.flatnonzero(obs)``
+    (``pixel * U + date``). Views of equal length keep pixel order (stable sort).
+
+    Work: per-view arithmetic (the rank of slot ``s`` of view ``j`` is ``j + s k``), one (V, T)
+    index array; nothing is computed per observation but ``flatnonzero``.
+    """
+    p = obs.shape[0]
+    length = np.count_nonzero(obs, axis=1).astype(np.int64)  # (P,)
+    k = (length + (max_len - 1)) // max_len
+    n_views = int(k.sum())
+    flat = np.flatnonzero(obs)
+    owner = np.repeat(np.arange(p, dtype=np.int64), k)
+    j = np.arange(n_views, dtype=np.int64) - (np.cumsum(k) - k)[owner]
+    kq = k[owner]
+    vlen = (length[owner] - j + kq - 1) // np.maximum(kq, 1)
+    base = (np.cumsum(length) - length)[owner] + j
+    order = np.argsort(vlen, kind="stable")  # padding bucketed by length
+    owner, kq, vlen, base = owner[order], kq[order], vlen[order], base[order]
+    s = np.arange(max(1, int(vlen.max(initial=0))), dtype=np.int64)
+    valid = s < vlen[:, None]
+    slot = np.where(valid, base[:, None] + kq[:, None] * s, len(flat))
+    return slot, valid, vlen, owner, flat
+
+
+def zero_absent(x: np.ndarray) -> np.ndarray:
+    """``present`` = not NaN, then NaN -> 0 in place, both without masked (branchy) numpy writes."""
+    present = np.equal(x, x)
+    torch.from_numpy(x).nan_to_num_(0.0)  # one branch-free pass (np.copyto(where=) is 10x slower on scattered gaps)
+    return present
+
+
 def dense_views(dense: np.ndarray, days: np.ndarray, max_len: int, mean: np.ndarray | None, std: np.ndarray | None,
                 observed: np.ndarray | None = None) -> Views:
     """The model views of the pixels of a dense block, vectorised (no per-pixel Python).
@@ -75,42 +115,27 @@ def dense_views(dense: np.ndarray, days: np.ndarray, max_len: int, mean: np.ndar
     ``dense`` (P, U, C) float32 band values with NaN where not observed (already normalised when
     ``mean`` / ``std`` are None); ``days`` (U,) the dates shared by the block; ``observed`` (P, U)
     bool, default: any band observed. A pixel with ``L`` observations gets ``k = ceil(L / max_len)``
-    views (0 when ``L = 0``), exactly those of :func:`~cropmap.models.series.interleaved_views`.
+    views (0 when ``L = 0``), exactly those of :func:`~cropmap.models.series.interleaved_views`
+    (:func:`view_slots`).
 
-    Work: index arithmetic on the (pixel, date) observations, then one gather of whole band rows
-    into the padded (V, T, C) batch (padding points at a NaN row), one pass for ``present`` and one
-    to zero the gaps; the values are never scattered one by one.
+    Work: index arithmetic per view, then one gather of whole band rows into the padded (V, T, C)
+    batch (padding points at a NaN row), one pass for ``present`` and one to zero the gaps; the
+    values are never scattered one by one.
     """
     p, u, c = dense.shape
     obs = ~np.isnan(dense).all(axis=2) if observed is None else np.asarray(observed, bool)
-    length = obs.sum(axis=1).astype(np.int64)  # (P,)
-    k = np.where(length > 0, -(-length // max_len), 0)
-    n_views = int(k.sum())
-    flat_obs = np.flatnonzero(obs)  # row-major: by pixel, then date (ascending) = p * U + u
-    rank = np.arange(len(flat_obs), dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
-    kk = np.repeat(np.maximum(k, 1), length)
-    view = np.repeat(np.cumsum(k) - k, length) + rank % kk
-    slot = rank // kk
-    vlen = np.bincount(view, minlength=n_views).astype(np.int64)
-    owner = np.repeat(np.arange(p, dtype=np.int64), k)
-    # views sorted by length (stable: equal lengths keep pixel order): the batches' padding is bucketed
-    order = np.argsort(vlen, kind="stable")
-    rank_of = np.empty(n_views, np.int64)
-    rank_of[order] = np.arange(n_views)
-    t = max(1, int(vlen.max(initial=0)))
+    slot, valid, vlen, owner, flat = view_slots(obs, max_len)
     pad = p * u  # index of the all-NaN row appended below
-    src = np.full(n_views * t, pad, np.int64)
-    src[rank_of[view] * t + slot] = flat_obs
+    src = np.append(flat, pad).take(slot)
     rows = _with_pad_row(dense)
-    x = np.take(rows, src, axis=0).reshape(n_views, t, c)
-    present = ~np.isnan(x)
+    x = np.take(rows, src, axis=0)
     if mean is not None:
         x -= np.asarray(mean, np.float32)
         x /= np.asarray(std, np.float32)
-    np.copyto(x, 0.0, where=~present)
-    mask = (src != pad).reshape(n_views, t)
-    d = np.where(mask, np.append(np.asarray(days, np.float32), np.float32(0))[np.where(src == pad, u, src % max(u, 1))].reshape(n_views, t), 0)
-    return Views(x, present, d.astype(np.float32), mask, vlen[order], owner[order], p)
+    present = zero_absent(x)
+    day_of = np.zeros(p * u + 1, np.float32)  # the day of each (pixel, date) row: a broadcast, cheaper than flat % U
+    day_of[:-1].reshape(p, u)[:] = np.asarray(days, np.float32)
+    return Views(x, present, day_of.take(src), valid, vlen, owner, p)
 
 
 def compiled(model: nn.Module, device: str, enabled: bool) -> nn.Module:
@@ -121,10 +146,25 @@ def compiled(model: nn.Module, device: str, enabled: bool) -> nn.Module:
 
 
 def _batches(v: Views, batch_size: int) -> Iterator[tuple[int, int, int]]:
-    """(start, end, padded length) of each batch: consecutive sorted views, padded to the batch's longest."""
-    for s in range(0, len(v), batch_size):
-        e = min(len(v), s + batch_size)
-        yield s, e, max(1, int(v.lengths[e - 1]))
+    """(start, end, padded length) of each batch: consecutive sorted views, padded to the batch's longest.
+
+    A batch ends where the view length changes when that leaves at least a quarter batch: most
+    batches then hold views of one length, with no padding at all (no attention mask, no boolean
+    indexing of tokens; see :func:`cropmap.models.pixel.stnet.encoder_layer_eval`)."""
+    n, lengths = len(v), v.lengths
+    floor = max(1, batch_size // 4)
+    s = 0
+    while s < n:
+        e = min(n, s + batch_size)
+        if lengths[e - 1] != lengths[s]:
+            run = int(np.searchsorted(lengths, lengths[s], side="right"))  # end of the first length's run
+            last = int(np.searchsorted(lengths, lengths[e - 1], side="left"))  # start of the last length's run
+            if run - s >= floor:
+                e = run
+            elif last - s >= floor:
+                e = last
+        yield s, e, max(1, int(lengths[e - 1]))
+        s = e
 
 
 def host_tensors(v: Views, s: int, e: int, t: int, pin: bool) -> dict[str, torch.Tensor]:
@@ -134,6 +174,27 @@ def host_tensors(v: Views, s: int, e: int, t: int, pin: bool) -> dict[str, torch
            "days": torch.from_numpy(np.ascontiguousarray(v.days[s:e, :t])),
            "mask": torch.from_numpy(np.ascontiguousarray(v.mask[s:e, :t]))}
     return {k: a.pin_memory() for k, a in out.items()} if pin else out
+
+
+_EVAL_FAST = threading.local()
+
+
+def eval_fast_path() -> bool:
+    """Whether a model forward runs inside :func:`predict_views` (models may then take inference-only shortcuts
+    that give the same outputs to float noise, e.g. :func:`cropmap.models.pixel.stnet.encoder_layer_eval`)."""
+    return getattr(_EVAL_FAST, "on", False)
+
+
+class eval_fast:  # noqa: N801 - used as a context manager
+    """Turn :func:`eval_fast_path` on (this thread) for the forward passes of :func:`predict_views`; the
+    reference ``predict_proba`` and training never see it."""
+
+    def __enter__(self) -> None:
+        self.before = eval_fast_path()
+        _EVAL_FAST.on = True
+
+    def __exit__(self, *exc) -> None:
+        _EVAL_FAST.on = self.before
 
 
 class mha_fastpath:  # noqa: N801 - used as a context manager
@@ -165,7 +226,7 @@ def predict_views(model: nn.Module, v: Views, batch_size: int = 512, device: str
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     acc = None
-    with torch.inference_mode(), mha_fastpath(cuda if fastpath is None else fastpath):
+    with torch.inference_mode(), mha_fastpath(cuda if fastpath is None else fastpath), eval_fast():
         owner = torch.from_numpy(v.owner).to(dev)
         for i, (s, e, t) in enumerate(_batches(v, batch_size)):
             hb = host[i] if host is not None else host_tensors(v, s, e, t, pin=cuda)

@@ -39,9 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cropmap.models.encoding import DayEncoding
+from cropmap.models.inference import eval_fast_path
 
 __all__ = ["STNetConfig", "STNet", "cloud_weights", "POOLING_MODES"]
 
@@ -165,6 +167,40 @@ def cloud_weights(
     return torch.softmax(logits, dim=1)
 
 
+def encoder_layer_eval(layer: nn.TransformerEncoderLayer, x: Tensor, pad: Tensor | None) -> Tensor:
+    """``layer(x, src_key_padding_mask=pad)`` in eval mode (no dropout), in the batch-first layout throughout.
+
+    The same arithmetic as ``nn.TransformerEncoderLayer`` (post- or pre-norm, ReLU or GELU), to float
+    noise, without the module's transposes to (T, B, E) and the copies they force, and with no
+    attention mask at all when ``pad`` is None (a batch without padding: the unmasked attention kernel
+    is about 1.7x faster on CPU than the masked one at 16 heads of 8 features)."""
+    sa = layer.self_attn
+    b, t, e = x.shape
+    h = sa.num_heads
+
+    def attend(y: Tensor) -> Tensor:
+        qkv = F.linear(y, sa.in_proj_weight, sa.in_proj_bias).view(b, t, 3, h, e // h).permute(2, 0, 3, 1, 4)
+        mask = None if pad is None else (~pad)[:, None, None, :]  # True = attend
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        return sa.out_proj(o.transpose(1, 2).reshape(b, t, e))
+
+    def ff(y: Tensor) -> Tensor:
+        return layer.linear2(layer.activation(layer.linear1(y)))
+
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x))
+        return x + ff(layer.norm2(x))
+    x = layer.norm1(x + attend(x))
+    return layer.norm2(x + ff(x))
+
+
+def _eval_layer_ok(layer: nn.Module) -> bool:
+    """A layer :func:`encoder_layer_eval` reproduces (packed q/k/v projections, no extra key/value biases)."""
+    sa = getattr(layer, "self_attn", None)
+    return (isinstance(layer, nn.TransformerEncoderLayer) and sa is not None and sa.batch_first and sa._qkv_same_embed_dim
+            and sa.in_proj_bias is not None and sa.bias_k is None and not sa.add_zero_attn and layer.activation in (F.relu, F.gelu))
+
+
 class STNet(nn.Module):
     """STNet classifier for pixel time series (see module docstring).
 
@@ -285,15 +321,31 @@ class STNet(nn.Module):
 
         B, T, _ = x.shape
         feats = torch.cat([x, present.to(x.dtype)], dim=-1)
-        # Only real tokens go through the MLP so BatchNorm never sees padding.
-        tokens = self.input_norm(self.input_mlp(feats[mask]))
-        h = tokens.new_zeros(B, T, tokens.shape[-1])
-        h[mask] = tokens
-        h = h + self.day_encoding(days)
-        h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
+        # inference on CPU inside predict_views (it buckets views by length): the batch-first layer, and
+        # without padding no boolean indexing and no attention mask; the same outputs to float noise
+        fast = not self.training and x.device.type == "cpu" and eval_fast_path() and _eval_layer_ok(self.encoder)
+        full = fast and bool(mask.all())
+        if full:
+            h = self.input_norm(self.input_mlp(feats.reshape(B * T, -1))).view(B, T, -1)
+        else:
+            # Only real tokens go through the MLP so BatchNorm never sees padding.
+            tokens = self.input_norm(self.input_mlp(feats[mask]))
+            h = tokens.new_zeros(B, T, tokens.shape[-1])
+            h[mask] = tokens
+        if fast:  # the dates of a block are few: encode each distinct day once (the same values)
+            uniq, inverse = torch.unique(days, return_inverse=True)
+            h += self.day_encoding(uniq)[inverse]
+        else:
+            h = h + self.day_encoding(days)
+        if not full:
+            h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
 
-        h = self.encoder(h, src_key_padding_mask=~mask)
-        h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
+        if fast:
+            h = encoder_layer_eval(self.encoder, h, None if full else ~mask)
+        else:
+            h = self.encoder(h, src_key_padding_mask=~mask)
+        if not full:
+            h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
 
         w = self.pooling_weights(x, present, mask)
         if self.training and self.pooling == "ndvi" and self.weight_dropout > 0:

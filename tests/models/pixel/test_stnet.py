@@ -300,3 +300,44 @@ def test_cuda_matches_cpu():
     with torch.no_grad():
         out = model(x.cuda(), present.cuda(), days.cuda(), mask.cuda()).cpu()
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_encoder_layer_eval_equals_the_module(norm_first, activation):
+    from cropmap.models.pixel.stnet import encoder_layer_eval
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 48, batch_first=True, norm_first=norm_first, activation=activation).eval()
+    x = torch.randn(6, 9, 32)
+    pad = torch.arange(9)[None, :] >= torch.tensor([9, 3, 5, 9, 1, 7])[:, None]
+    with torch.inference_mode():
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            want = layer(x, src_key_padding_mask=pad)
+            want_full = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        got, got_full = encoder_layer_eval(layer, x, pad), encoder_layer_eval(layer, x, None)
+    real = ~pad
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+    assert torch.allclose(got_full, want_full, atol=1e-5)
+
+
+def test_eval_fast_path_equals_the_module_path():
+    """Inside predict_views (eval_fast): the batch-first layer, no boolean indexing without padding; = the module path."""
+    from cropmap.models.inference import eval_fast, eval_fast_path
+
+    model = make_model().eval()
+    with torch.no_grad():
+        model.decoder[-1].weight.mul_(50.0)  # outputs that vary from sample to sample
+    padded = random_batch(B=16, T=12, seed=3)
+    x, present, days, _ = random_batch(B=16, T=12, seed=4)
+    full = (x, present, days, torch.ones(16, 12, dtype=torch.bool))
+    with torch.inference_mode():
+        assert not eval_fast_path()  # predict_proba and training never take the shortcut
+        want = [model(*b) for b in (padded, full)]
+        with eval_fast():
+            got = [model(*b) for b in (padded, full)]
+    for g, w in zip(got, want):
+        assert w.std() > 0.1
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-5)
