@@ -178,7 +178,12 @@ def fit_features(name: str, samples, train: np.ndarray, y_seen, seed: int, feats
     return predict, impl
 
 
+MIN_STEPS_FOR: dict[str, int] = {}
+"""Per-candidate floors on optimiser steps (``--model-min-steps ltae=800``), above ``--min-steps``."""
+
+
 def fit_deep(name: str, samples, train, y_seen, seed, recipe, work: Path, n_classes: int, min_steps: int):
+    min_steps = max(min_steps, MIN_STEPS_FOR.get(name, 0))
     r = DEEP_RECIPES.get(name, {})
     batch = r.get("batch_size", recipe["batch_size"])
     per_epoch = max(1, math.ceil(len(train) / batch))
@@ -475,6 +480,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.05])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--min-steps", type=int, default=100)
+    ap.add_argument("--model-min-steps", nargs="*", default=[], metavar="NAME=STEPS",
+                    help="Per-candidate floors on optimiser steps, e.g. ltae=800 (benchmarks/results/tuning-ltae-rpg2023.jsonl).")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/candidates.jsonl"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cropmap-candidates")
@@ -485,6 +492,7 @@ def main() -> None:
         print(summarize(rows))
         return
     torch.set_num_threads(args.threads)
+    MIN_STEPS_FOR.update({k: int(v) for k, v in (x.split("=", 1) for x in args.model_min_steps)})
     args.work.mkdir(parents=True, exist_ok=True)
     done = set()  # (dataset, budget, seed, candidate, impl) already measured
     if args.out.exists():
