@@ -212,7 +212,7 @@ def bootstrap_lead(a: Sequence[dict], b: Sequence[dict], draws: int = BOOTSTRAP_
 
 
 def choose(candidates: Sequence[CandidateResult], tie_tolerance: float = 1e-9,
-           blend_confidence: float = BLEND_CONFIDENCE) -> dict:
+           blend_confidence: float | None = BLEND_CONFIDENCE) -> dict:
     """Rank by mean validation macro F1, ties by mean validation OA, then by the given order; then
     keep the :data:`BLEND` unless the top single model beats it beyond validation noise.
 

@@ -389,7 +389,9 @@ def predict_site_distributed(site, legend, cube_paths: list[Path], model_dir: Pa
     model_dir = dirs if len(dirs) > 1 else dirs[0]
     metas = [json.loads((d / "config.json").read_text()) for d in dirs]
     if groups:  # the blend: the calibration the workers' predictor applies (its groups' own temperatures)
-        metas = [_predictor(legend, dirs, device, groups, group_temperatures).meta]
+        from cropmap.pipeline.levels.pixel.predict import blend_calibration
+
+        metas = [{**metas[0], "calibration": blend_calibration(group_temperatures)}]
     elif len(dirs) > 1:
         from cropmap.pipeline.levels.pixel.predict import ensemble_calibration
 

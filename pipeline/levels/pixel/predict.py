@@ -305,8 +305,7 @@ class EnsemblePredictor(TilePredictor):
                 raise ModelError("ensemble groups must cover every member once, with one temperature each", fix="rerun the train stage")
         self.meta = {**first.meta, "ensemble": [str(d) for d in model_dirs],
                      "calibration": ensemble_calibration([m.meta for m in self.members]) if groups is None else
-                     {"temperature": float(np.exp(np.mean(np.log(self.group_temperatures)))), "members": self.group_temperatures,
-                      "n": 0, "method": "each blend's raw mean scaled by its own temperature, then the mean of the blends"}}
+                     blend_calibration(self.group_temperatures)}
         self.temperature = 1.0  # each member applies its own
 
     def prepare(self, dn, clear, s1, d2, d1) -> tuple[list[Views], None]:
@@ -352,6 +351,13 @@ def ensemble_calibration(metas: list[dict]) -> dict | None:
     temps = [float(c["temperature"]) if c else 1.0 for c in cals]
     return {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": temps,
             "n": sum(int(c.get("n", 0)) for c in cals if c), "method": "each member's own temperature, then the mean of the members"}
+
+
+def blend_calibration(group_temperatures: Sequence[float]) -> dict:
+    """The ``calibration`` of an ensemble of blends (groups of members, each scaled by its own temperature)."""
+    temps = [float(t) for t in group_temperatures]
+    return {"temperature": float(np.exp(np.mean(np.log(temps)))), "members": temps,
+            "n": 0, "method": "each blend's raw mean scaled by its own temperature, then the mean of the blends"}
 
 
 def make_predictor(legend: Legend, model_dirs: Path | Sequence[Path], device: str | None = None, **kwargs) -> TilePredictor:

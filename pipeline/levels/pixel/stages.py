@@ -215,9 +215,9 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                 res.seconds += float(meta["fit"]["seconds"])
                 if len(idx["val"]):  # the choice reads the validation pixels' labels, never the test pixels'
                     proba_val, vmeta, aligned = predict_samples(out, samples.subset(idx["val"]), device)
-                    y_val = encode_labels(aligned, vmeta["classes"])
+                    y_val, val_parcels = encode_labels(aligned, vmeta["classes"]), aligned.table["parcel_id"].to_numpy()
                     res.validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), proba_val)})
-                    res.outputs.append(validation_outputs(y_val, proba_val, aligned.table["parcel_id"].to_numpy()))
+                    res.outputs.append(validation_outputs(y_val, proba_val, val_parcels))
                     val_proba[cand.model] = proba_val  # raw: the blend is calibrated as a whole
                 if cand.model in ("forest", "boosting"):  # the candidate is the baseline: its test predictions, once
                     proba_test, _, _ = predict_samples(out, samples.subset(idx["test"]), device)
@@ -227,8 +227,8 @@ def pixel_stages(run: RunInputs) -> list[Stage]:
                 # arg-max, so not the choice) is fitted on the same validation pixels, every parcel weighted alike
                 blend_val = np.mean(list(val_proba.values()), axis=0)
                 results[BLEND].validation.append({"seed": seed, **validation_scores(y_val, np.arange(len(y_val)), blend_val)})
-                results[BLEND].outputs.append(validation_outputs(y_val, blend_val, aligned.table["parcel_id"].to_numpy()))
-                blend_t[str(seed)] = fit_temperature(blend_val, y_val, aligned.table["parcel_id"].to_numpy())
+                results[BLEND].outputs.append(validation_outputs(y_val, blend_val, val_parcels))
+                blend_t[str(seed)] = fit_temperature(blend_val, y_val, val_parcels)
             # the random-forest and boosting baselines on exactly the same training pixels and test pixels
             # (with auto they are candidates and were written above)
             missing = [k for k in ("forest", "boosting") if not (tr.auto and any(c.model == k for c in candidates))]
